@@ -1,0 +1,54 @@
+"""layerzip: structured approximations of the weight-heavy layers of PyTorch models.
+
+One call compresses a model by a declarative spec::
+
+    import layerzip
+    report = layerzip.compress(model, "spec.yaml", calibration=batches)
+    layerzip.save(model, "out/")
+"""
+
+from importlib import metadata as _metadata
+
+try:
+    __version__ = _metadata.version("layerzip")
+except _metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0+unknown"
+
+from .adapters import Conv1DAdapter, LayerAdapter, LinearAdapter
+from .approximator import (
+    Approximator,
+    ApproxModule,
+    Estimate,
+    FitContext,
+    LayerStats,
+    Params,
+)
+from .backends import Backend
+from .calibration import call_model, collect_stats
+from .checkpoint import load, read_manifest, save
+from .errors import CheckpointError, CompressionError, LayerzipError, PluginError, SpecError
+from .hookspecs import hookimpl
+from .pivots import PivotStrategy
+from .planning import Plan, PlannedLayer, plan
+from .plugins import (
+    Registry,
+    get_approximator,
+    get_backend,
+    get_pivot_strategy,
+    get_registry,
+    reset_registry,
+)
+from .report import LayerRow, Report
+from .spec import Rule, Spec, json_schema, validate_params
+from .views import DenseWeightView, WeightView
+from .walker import compress
+
+__all__ = [
+    "Approximator", "ApproxModule", "Backend", "CheckpointError", "CompressionError",
+    "Conv1DAdapter", "DenseWeightView", "Estimate", "FitContext", "LayerAdapter", "LayerRow",
+    "LayerStats", "LayerzipError", "LinearAdapter", "Params", "PivotStrategy", "Plan",
+    "PlannedLayer", "PluginError", "Registry", "Report", "Rule", "Spec", "SpecError",
+    "WeightView", "__version__", "call_model", "collect_stats", "compress", "get_approximator",
+    "get_backend", "get_pivot_strategy", "get_registry", "hookimpl", "json_schema", "load",
+    "plan", "read_manifest", "reset_registry", "save", "validate_params",
+]

