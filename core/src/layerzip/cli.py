@@ -14,7 +14,8 @@ from rich.table import Table
 
 from .errors import LayerzipError
 
-console = Console()
+# Pipes and CI logs get a wide table instead of rich's 80-column default.
+console = Console() if sys.stdout.isatty() else Console(width=160)
 DEFAULT_MODEL = "smollm2"
 DEFAULT_OUT = "layerzip-out"
 

@@ -129,6 +129,14 @@ def _smollm2() -> LoadedModel:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # transformers marks GGUF-loaded models as quantized and refuses to save them; the
+        # tensors are already dequantized fp32, so move them into a plain model of that config.
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(model.state_dict())
+        model = plain
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=cached.parent))
         try:  # written aside and renamed, so an interrupted first load never leaves half a copy

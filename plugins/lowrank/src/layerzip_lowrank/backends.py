@@ -1,0 +1,152 @@
+"""Backends for op ``lowrank_matmul``: ``y = (x @ v) @ uᵀ + bias`` with u (m×r), v (n×r).
+
+``torch`` is the plain reference; ``compile`` is torch.compile of it; ``fp8`` runs both GEMMs in
+float8 e4m3 with per-row scales on Hopper/Ada GPUs; ``tensorrt`` needs torch_tensorrt;
+``triton`` (see triton_kernel.py) fuses the two GEMMs and the bias into one kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from layerzip import Backend
+
+OP = "lowrank_matmul"
+
+
+def lowrank_matmul_reference(x: Tensor, u: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+    return F.linear(F.linear(x, v.t()), u, bias)
+
+
+class TorchBackend(Backend):
+    op = OP
+    name = "torch"
+    priority = 0
+    description = "two torch GEMMs (eager); always available, differentiable"
+
+    def __call__(self, x, u, v, bias):
+        return lowrank_matmul_reference(x, u, v, bias)
+
+
+class CompileBackend(Backend):
+    op = OP
+    name = "compile"
+    priority = 5
+    description = "torch.compile of the two-GEMM forward (inductor)"
+
+    def available(self):
+        if not hasattr(torch, "compile"):
+            return False, "this torch has no torch.compile"
+        return True, ""
+
+    @functools.cached_property
+    def _compiled(self):
+        return torch.compile(lowrank_matmul_reference, dynamic=True)
+
+    def supports(self, x):
+        # A module already being traced by an outer torch.compile calls the plain function.
+        return not torch.compiler.is_compiling()
+
+    def __call__(self, x, u, v, bias):
+        return self._compiled(x, u, v, bias)
+
+
+def _fp8_available() -> tuple[bool, str]:
+    if not hasattr(torch, "float8_e4m3fn") or not hasattr(torch, "_scaled_mm"):
+        return False, f"torch {torch.__version__} lacks float8_e4m3fn/_scaled_mm"
+    if not torch.cuda.is_available():
+        return False, "needs a CUDA GPU of compute capability ≥ 8.9 (none found)"
+    cap = torch.cuda.get_device_capability()
+    if cap < (8, 9):
+        return False, f"needs compute capability ≥ 8.9, this GPU has {cap[0]}.{cap[1]}"
+    return True, ""
+
+
+FP8_MAX = 448.0
+
+
+def quantize_rows(t: Tensor) -> tuple[Tensor, Tensor]:
+    """float8_e4m3fn values and float32 per-row scales with t ≈ q * scale."""
+    amax = t.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12)
+    scale = amax / FP8_MAX
+    q = (t.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+class FP8Backend(Backend):
+    """Both GEMMs in float8 e4m3 through ``torch._scaled_mm`` with per-row scales (rowwise
+    scaling), bf16 output. The factors are quantized once and cached until they change.
+    Inference only: with autograd recording, the module falls back to the reference."""
+
+    op = OP
+    name = "fp8"
+    priority = 20
+    description = "float8 e4m3 GEMMs with per-row scales (CUDA cc ≥ 8.9), inference only"
+
+    def available(self):
+        return _fp8_available()
+
+    def supports(self, x):
+        if x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16):
+            return False
+        if torch.is_grad_enabled() and x.requires_grad:
+            return False
+        return x.shape[-1] % 16 == 0
+
+    def __init__(self):
+        self._cache: dict = {}
+
+    def _factors(self, u: Tensor, v: Tensor):
+        key = (u.data_ptr(), u._version, v.data_ptr(), v._version)
+        hit = self._cache.get(id(u))
+        if hit is None or hit[0] != key:
+            # _scaled_mm wants its second operand column-major: keep vᵀ (r×n) and uᵀ... (m×r)
+            # row-major and pass their transposes.
+            vq, vs = quantize_rows(v.t().contiguous())  # (r, n), scales (r, 1)
+            uq, us = quantize_rows(u.contiguous())      # (m, r), scales (m, 1)
+            hit = self._cache[id(u)] = (key, (vq, vs.t().contiguous(), uq, us.t().contiguous()))
+        return hit[1]
+
+    def __call__(self, x, u, v, bias):
+        vq, vs, uq, us = self._factors(u, v)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        xq, xs = quantize_rows(x2)
+        h = torch._scaled_mm(xq, vq.t(), scale_a=xs, scale_b=vs, out_dtype=torch.bfloat16)
+        hq, hs = quantize_rows(h)
+        y = torch._scaled_mm(hq, uq.t(), scale_a=hs, scale_b=us, out_dtype=torch.bfloat16,
+                             bias=None)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.to(x.dtype).reshape(*lead, -1)
+
+
+class TensorRTBackend(Backend):
+    op = OP
+    name = "tensorrt"
+    priority = 15
+    description = "torch.compile(backend='tensorrt') of the forward (needs torch_tensorrt)"
+
+    def available(self):
+        if importlib.util.find_spec("torch_tensorrt") is None:
+            return False, "torch_tensorrt is not installed (pip install torch-tensorrt)"
+        if not torch.cuda.is_available():
+            return False, "TensorRT needs a CUDA GPU (none found)"
+        return True, ""
+
+    def supports(self, x):
+        return x.device.type == "cuda" and not torch.compiler.is_compiling()
+
+    @functools.cached_property
+    def _compiled(self):
+        import torch_tensorrt  # noqa: F401  (registers the 'tensorrt' compile backend)
+
+        return torch.compile(lowrank_matmul_reference, backend="tensorrt", dynamic=False)
+
+    def __call__(self, x, u, v, bias):
+        return self._compiled(x, u, v, bias)

@@ -1,0 +1,147 @@
+import pytest
+import torch
+from torch import nn
+
+import layerzip
+from layerzip import FitContext, LayerStats
+from layerzip.testing import SingleLayer, decaying_weight
+from layerzip_lowrank import LowRankLinear, whitening_factor
+from layerzip_lowrank.methods import AdaptiveParams, Rsvd, RsvdParams, Svd, SvdParams
+
+
+def view_of(w, bias=None):
+    return layerzip.DenseWeightView(w, bias)
+
+
+def stats_of(x):
+    x = x.double()
+    return LayerStats(gram=x.t() @ x, count=x.shape[0])
+
+
+def test_svd_is_eckart_young_optimal():
+    w = decaying_weight(40, 30, decay=0.7)
+    m = Svd().fit(view_of(w), SvdParams(rank=5), FitContext("l"))
+    s = torch.linalg.svdvals(w.double())
+    err = torch.linalg.matrix_norm(w.double() - m.dense_weight().double())
+    torch.testing.assert_close(err, s[5:].square().sum().sqrt(), rtol=1e-5, atol=1e-6)
+    assert m.fit_details["predicted_relative_error"] == pytest.approx(
+        float(s[5:].square().sum().sqrt() / s.square().sum().sqrt()), rel=1e-6)
+
+
+def test_whitening_minimizes_output_error_and_matches_prediction():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 32, generator=g)
+    x = torch.randn(400, 32, generator=g) * torch.logspace(1, -2, 32)  # anisotropic inputs
+    ctx = FitContext("l", stats=stats_of(x))
+    plain = Svd().fit(view_of(w), SvdParams(rank=6), FitContext("l"))
+    white = Svd().fit(view_of(w), SvdParams(rank=6, whiten=True), ctx)
+
+    def out_err(m):
+        return float(torch.linalg.matrix_norm((w.double() - m.dense_weight().double()) @ x.double().t())
+                     / torch.linalg.matrix_norm(w.double() @ x.double().t()))
+
+    assert out_err(white) < 0.5 * out_err(plain)
+    # dropping σᵢ of W·L costs exactly σᵢ in ‖(W − Ŵ) Xᵀ‖
+    assert out_err(white) == pytest.approx(white.fit_details["predicted_relative_error"], rel=1e-6)
+    assert white.fit_details["whiten_ridge"] == 0.0
+
+
+def test_whitening_ridge_only_when_needed():
+    x = torch.randn(10, 16, dtype=torch.float64)  # 10 rows: Gram of rank 10 < 16
+    L, lam = whitening_factor(x.t() @ x)
+    assert lam > 0 and torch.isfinite(L).all()
+    L2, lam2 = whitening_factor(torch.eye(4, dtype=torch.float64))
+    assert lam2 == 0.0 and torch.equal(L2, torch.eye(4, dtype=torch.float64))
+
+
+def test_whiten_without_calibration_explains_how():
+    model = SingleLayer(nn.Linear(8, 8))
+    with pytest.raises(layerzip.SpecError, match="needs calibration data.*--calib"):
+        layerzip.compress(model, {"rules": [{"targets": ["layer"], "method": "svd",
+                                             "params": {"rank": 2, "whiten": True}}]})
+
+
+def test_rsvd_within_hmt_bound_on_decaying_spectrum():
+    # Halko–Martinsson–Tropp (Thm 10.6, p power iterations): E‖A − QQᵀA‖ ≤
+    # [1 + 4√(k+p)/(p−1) · √min(m,n)]^{1/(2q+1)} σ_{k+1}; we check the Frobenius error of the
+    # rank-k truncation against (1 + ε) times the optimum with that constant.
+    w = decaying_weight(200, 150, decay=0.95, seed=3)
+    k, p, q = 10, 10, 2
+    m = Rsvd().fit(view_of(w), RsvdParams(rank=k, oversampling=p, power_iterations=q),
+                   FitContext("l", seed=1))
+    s = torch.linalg.svdvals(w.double())
+    optimal = float(s[k:].square().sum().sqrt())
+    err = float(torch.linalg.matrix_norm(w.double() - m.dense_weight().double()))
+    factor = (1 + 4 * ((k + p) ** 0.5) / (p - 1) * (150 ** 0.5)) ** (1 / (2 * q + 1))
+    assert optimal <= err <= factor * optimal
+    assert err <= 1.05 * optimal, "with 2 power iterations rSVD is near-optimal here"
+
+
+def test_rsvd_is_reproducible_and_leaves_global_rng_alone():
+    w = decaying_weight(64, 48)
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    a = Rsvd().fit(view_of(w), RsvdParams(rank=4), FitContext("x", seed=2)).dense_weight()
+    assert torch.equal(torch.random.get_rng_state(), before)
+    b = Rsvd().fit(view_of(w), RsvdParams(rank=4), FitContext("x", seed=2)).dense_weight()
+    assert torch.equal(a, b)
+
+
+def test_adaptive_picks_smallest_rank_meeting_tolerance():
+    from layerzip_lowrank.methods import Adaptive
+
+    w = decaying_weight(30, 30, decay=0.5)
+    for tol in (0.3, 0.05, 0.001):
+        m = Adaptive().fit(view_of(w), AdaptiveParams(error_tolerance=tol), FitContext("l"))
+        err = float(torch.linalg.matrix_norm(w.double() - m.dense_weight().double())
+                    / torch.linalg.matrix_norm(w.double()))
+        assert err <= tol
+        if m.rank > 1:
+            smaller = Svd().fit(view_of(w), SvdParams(rank=m.rank - 1), FitContext("l"))
+            e2 = float(torch.linalg.matrix_norm(w.double() - smaller.dense_weight().double())
+                       / torch.linalg.matrix_norm(w.double()))
+            assert e2 > tol
+
+
+def test_module_trains():
+    m = LowRankLinear(6, 5, 2)
+    with torch.no_grad():
+        m.u.normal_()
+        m.v.normal_()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    x, target = torch.randn(32, 5), torch.randn(32, 6)
+    losses = []
+    for _ in range(20):
+        loss = (m(x) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+
+
+def test_backends_reported():
+    reg = layerzip.get_registry()
+    names = {b.name: b.available() for b in reg.backends_for("lowrank_matmul")}
+    assert names["torch"] == (True, "")
+    if not torch.cuda.is_available():
+        ok, why = names["fp8"]
+        assert not ok and "CUDA" in why
+    ok, why = names["tensorrt"]
+    assert ok or "torch_tensorrt" in why or "CUDA" in why
+
+
+def test_compile_backend_matches_reference():
+    from layerzip_lowrank.backends import CompileBackend, lowrank_matmul_reference
+
+    x, u, v, b = torch.randn(3, 7, 16), torch.randn(12, 4), torch.randn(16, 4), torch.randn(12)
+    torch.testing.assert_close(CompileBackend()(x, u, v, b), lowrank_matmul_reference(x, u, v, b),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_saved_with_unavailable_backend_loads_with_auto():
+    cfg = {"out_features": 4, "in_features": 3, "rank": 2, "bias": True, "backend": "fp8"}
+    if torch.cuda.is_available():
+        pytest.skip("fp8 may be available on this machine")
+    m = LowRankLinear.from_config(cfg)
+    assert m.backend_name != "fp8"
