@@ -15,6 +15,9 @@ class Backend:
     name: ClassVar[str] = ""
     priority: ClassVar[int] = 0
     description: ClassVar[str] = ""
+    #: True for the op's plain reference kernel: what modules fall back to for inputs their
+    #: chosen backend declines, and what kernels are tested against.
+    reference: ClassVar[bool] = False
 
     def available(self) -> tuple[bool, str]:
         """(True, "") when usable on this machine, else (False, why — e.g. what to install)."""

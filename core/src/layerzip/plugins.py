@@ -193,10 +193,13 @@ class Registry:
         return backend
 
     def reference_backend(self, op: str) -> Backend:
-        """The lowest-priority available backend of ``op``: the plain reference."""
-        for b in reversed(self.backends_for(op)):
-            if b.available()[0]:
+        """The backend of ``op`` marked ``reference`` (else its lowest-priority available one)."""
+        candidates = [b for b in reversed(self.backends_for(op)) if b.available()[0]]
+        for b in candidates:
+            if b.reference:
                 return b
+        if candidates:
+            return candidates[0]
         raise SpecError(f"no available backend for op {op!r}")
 
     def adapter_for(self, module) -> LayerAdapter | None:

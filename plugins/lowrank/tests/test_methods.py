@@ -52,6 +52,25 @@ def test_whitening_ridge_only_when_needed():
     assert lam > 0 and torch.isfinite(L).all()
     L2, lam2 = whitening_factor(torch.eye(4, dtype=torch.float64))
     assert lam2 == 0.0 and torch.equal(L2, torch.eye(4, dtype=torch.float64))
+    L3, lam3 = whitening_factor(4 * torch.eye(4, dtype=torch.float64), damping=0.25)
+    assert lam3 == 1.0
+    torch.testing.assert_close(L3, torch.eye(4, dtype=torch.float64) * 5 ** 0.5)
+
+
+def test_damping_helps_when_calibration_rows_are_few():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 64, generator=g)
+    mix = torch.randn(64, 64, generator=g) / 8
+    fit_x = torch.randn(40, 64, generator=g) @ mix  # fewer rows than inputs: Gram singular
+    test_x = torch.randn(500, 64, generator=g) @ mix
+
+    def held_out_error(damping):
+        m = Svd().fit(view_of(w), SvdParams(rank=8, whiten=True, damping=damping),
+                      FitContext("l", stats=stats_of(fit_x)))
+        d = (w.double() - m.dense_weight().double()) @ test_x.double().t()
+        return float(d.norm() / (w.double() @ test_x.double().t()).norm())
+
+    assert held_out_error(0.01) < held_out_error(0.0)
 
 
 def test_whiten_without_calibration_explains_how():

@@ -27,6 +27,7 @@ class TorchBackend(Backend):
     op = OP
     name = "torch"
     priority = 0
+    reference = True
     description = "two torch GEMMs (eager); always available, differentiable"
 
     def __call__(self, x, u, v, bias):
@@ -36,8 +37,10 @@ class TorchBackend(Backend):
 class CompileBackend(Backend):
     op = OP
     name = "compile"
-    priority = 5
-    description = "torch.compile of the two-GEMM forward (inductor)"
+    # Opt-in only (backend: compile): compiling per layer shape costs seconds each on first use,
+    # which 'auto' must not impose on a whole-model compress; compile the model instead.
+    priority = -10
+    description = "torch.compile of the two-GEMM forward (inductor); opt-in"
 
     def available(self):
         if not hasattr(torch, "compile"):

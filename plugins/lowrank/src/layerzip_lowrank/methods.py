@@ -16,6 +16,10 @@ class _Whitening(Params):
     whiten: bool = Field(default=False, description=(
         "activation-aware, truncation-aware whitening (SVD-LLM): factor W·L with L = chol(XᵀX) "
         "from the calibration inputs, so the kept rank minimizes the output error on them"))
+    damping: float = Field(default=0.0, ge=0, lt=1, description=(
+        "with whiten: add damping·mean(diag XᵀX)·I before the Cholesky. 0 is exact SVD-LLM; a "
+        "little (0.01) guards against overfitting when calibration rows are few compared with "
+        "the layer's input width"))
 
 
 class SvdParams(RankParams, _Whitening):
@@ -41,19 +45,19 @@ class AdaptiveParams(_Whitening):
     max_rank: int | None = Field(default=None, gt=0)
 
 
-def whitening_factor(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Lower-triangular L with L Lᵀ = S + λI; λ = 0 when S is positive definite, else the
-    smallest of 1e-10·mean(diag S)·10^k that makes the Cholesky succeed."""
+def whitening_factor(gram: torch.Tensor, damping: float = 0.0) -> tuple[torch.Tensor, float]:
+    """Lower-triangular L with L Lᵀ = S + λI. λ = damping·mean(diag S); when that is 0 and S is
+    not positive definite, the smallest 1e-10·mean(diag S)·10^k that makes the Cholesky work."""
     s = gram.double()
     n = s.shape[0]
     eye = torch.eye(n, dtype=s.dtype, device=s.device)
     base = float(s.diagonal().mean().clamp_min(1e-300))
-    lam = 0.0
+    lam = damping * base
     for k in range(16):
         L, info = torch.linalg.cholesky_ex(s + lam * eye)
         if int(info) == 0 and bool(torch.isfinite(L).all()):
             return L, lam
-        lam = base * 10.0 ** (k - 10)
+        lam = max(lam, base * 10.0 ** (k - 10))
     raise ValueError("the calibration Gram matrix could not be made positive definite; check "
                      "the calibration inputs for NaN/inf")
 
@@ -97,7 +101,7 @@ class _LowRank(Approximator):
         if context.stats is None or context.stats.gram is None:
             raise ValueError("whiten: true needs calibration inputs: pass calibration=... to "
                              "layerzip.compress, or --calib FILE to the CLI")
-        L, lam = whitening_factor(context.stats.gram.to(w.device))
+        L, lam = whitening_factor(context.stats.gram.to(w.device), params.damping)
         return w @ L, L, {"whiten_ridge": lam, "calibration_rows": context.stats.count}
 
     def _decompose(self, a: torch.Tensor, r_max: int, params, context):
