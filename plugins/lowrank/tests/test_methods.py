@@ -164,3 +164,21 @@ def test_saved_with_unavailable_backend_loads_with_auto():
         pytest.skip("fp8 may be available on this machine")
     m = LowRankLinear.from_config(cfg)
     assert m.backend_name != "fp8"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or
+                    torch.cuda.get_device_capability() < (8, 9), reason="fp8 needs CUDA cc ≥ 8.9")
+def test_fp8_backend_close_to_reference_on_gpu():
+    from layerzip_lowrank.backends import FP8Backend, lowrank_matmul_reference
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 512, generator=g).cuda().bfloat16()
+    u = (torch.randn(384, 64, generator=g) / 8).cuda().bfloat16()
+    v = (torch.randn(512, 64, generator=g) / 22).cuda().bfloat16()
+    b = torch.randn(384, generator=g).cuda().bfloat16()
+    ref = lowrank_matmul_reference(x.double(), u.double(), v.double(), b.double())
+    with torch.no_grad():
+        out = FP8Backend()(x, u, v, b)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    rel = float((out.double() - ref).norm() / ref.norm())
+    assert rel < 0.08, rel  # e4m3 has a 3-bit mantissa: a few percent is its honest cost

@@ -153,3 +153,83 @@ class TensorRTBackend(Backend):
 
     def __call__(self, x, u, v, bias):
         return self._compiled(x, u, v, bias)
+
+
+class TritonBackend(Backend):
+    """One fused Triton kernel for both GEMMs and the bias (see triton_kernel.py)."""
+
+    op = OP
+    name = "triton"
+    description = "fused two-GEMM Triton kernel, T×r intermediate kept in L2; inference only"
+
+    @property
+    def priority(self):
+        # Under TRITON_INTERPRET on a CPU the kernel runs for tests only: 'auto' must not pick it.
+        return 10 if torch.cuda.is_available() else -20
+
+    def available(self):
+        if importlib.util.find_spec("triton") is None:
+            return False, "triton is not installed (pip install triton)"
+        from .triton_kernel import INTERPRET
+
+        if not (torch.cuda.is_available() or INTERPRET):
+            return False, "needs a CUDA GPU (or TRITON_INTERPRET=1 to run on the CPU, slowly)"
+        return True, ""
+
+    def supports(self, x):
+        from .triton_kernel import INTERPRET
+
+        if torch.is_grad_enabled() and x.requires_grad:
+            return False
+        return (x.device.type == "cuda" or (INTERPRET and x.device.type == "cpu")) and \
+            x.dtype in (torch.float16, torch.bfloat16, torch.float32) and \
+            not torch.compiler.is_compiling()
+
+    def __call__(self, x, u, v, bias):
+        from .triton_kernel import lowrank_fused
+
+        return lowrank_fused(x, u, v, bias)
+
+
+class MeasuredBackend(Backend):
+    """Per shape, times every other available backend once (CUDA events, median of a few runs)
+    and uses the fastest from then on. The choice is cached per (device, dtype, T bucket, m, n,
+    r, bias); ``choices`` shows it. On the CPU there is nothing worth measuring: unavailable."""
+
+    op = OP
+    name = "autotune"
+    priority = 30
+    description = "measure the available backends once per shape on the GPU, use the fastest"
+
+    def __init__(self):
+        self.choices: dict = {}
+
+    def available(self):
+        if not torch.cuda.is_available():
+            return False, "measures on a CUDA GPU only (none found)"
+        return True, ""
+
+    def supports(self, x):
+        return x.device.type == "cuda" and not torch.compiler.is_compiling()
+
+    def _candidates(self, x):
+        import layerzip
+
+        return [b for b in layerzip.get_registry().backends_for(OP)
+                if b.name not in (self.name, "compile", "tensorrt") and b.available()[0]
+                and b.supports(x)]
+
+    def __call__(self, x, u, v, bias):
+        t = x.numel() // x.shape[-1]
+        key = (x.device, x.dtype, 1 << max(0, (t - 1).bit_length()), tuple(u.shape),
+               tuple(v.shape), bias is not None)
+        best = self.choices.get(key)
+        if best is None:
+            from layerzip.bench import time_callable
+
+            timed = {}
+            for b in self._candidates(x):
+                timed[b.name] = (time_callable(lambda b=b: b(x, u, v, bias), rounds=5,
+                                               warmup=2).median, b)
+            best = self.choices[key] = min(timed.values(), key=lambda tb: tb[0])[1]
+        return best(x, u, v, bias)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import layerzip
 
-from .backends import CompileBackend, FP8Backend, TensorRTBackend, TorchBackend
+from .backends import (
+    CompileBackend,
+    FP8Backend,
+    MeasuredBackend,
+    TensorRTBackend,
+    TorchBackend,
+    TritonBackend,
+)
 from .methods import Adaptive, Rsvd, Svd
 
 
@@ -21,3 +28,5 @@ def register_backends(register):
     register(CompileBackend())
     register(FP8Backend())
     register(TensorRTBackend())
+    register(TritonBackend())
+    register(MeasuredBackend())

@@ -1,0 +1,97 @@
+"""Turn pytest-benchmark JSON files into a markdown table and plots in benchmarks/results/.
+
+    python benchmarks/report.py benchmarks/results/lowrank_gpu.json --out benchmarks/results/lowrank_gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+COLUMNS = [("case", "{}"), ("backend", "{}"), ("graphs", "{}"), ("dense_ms", "{:.4f}"),
+           ("lowrank_ms", "{:.4f}"), ("speedup", "{:.2f}×"), ("flop_ratio", "{:.2f}×"),
+           ("byte_ratio", "{:.2f}×"), ("efficiency_flops", "{:.0%}"),
+           ("efficiency_bytes", "{:.0%}"), ("lowrank_tflops", "{:.0f}"),
+           ("kernel_rel_error", "{:.1e}")]
+
+
+def rows_of(data: dict) -> list[dict]:
+    rows = []
+    for b in data["benchmarks"]:
+        info = dict(b.get("extra_info", {}))
+        if "speedup" not in info:
+            continue
+        info["case"] = b["name"].split("[", 1)[0].removeprefix("test_") + \
+            (f" T={info['T']} {info['n']}→{info['m']} r={info['r']}" if "T" in info else
+             f" tokens={info.get('tokens')}")
+        rows.append(info)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    out = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(f.format(r[c]) if c in r and r[c] is not None else "—"
+                                     for c, f in cols) + " |")
+    return "\n".join(out) + "\n"
+
+
+def plots(rows: list[dict], stem: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    prefill = [r for r in rows if r.get("T", 0) >= 1024 and "r" in r]
+    if prefill:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for (n, m) in sorted({(r["n"], r["m"]) for r in prefill}):
+            for backend in sorted({r["backend"] for r in prefill}):
+                pts = sorted((r["r"], r["speedup"], r["efficiency_flops"]) for r in prefill
+                             if (r["n"], r["m"], r["backend"]) == (n, m, backend))
+                if pts:
+                    label = f"{backend} {n}→{m}"
+                    axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+                    axes[1].plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=label)
+        ranks = sorted({r["r"] for r in prefill})
+        n0, m0 = prefill[0]["n"], prefill[0]["m"]
+        axes[0].plot(ranks, [n0 * m0 / (r * (n0 + m0)) for r in ranks], "k--",
+                     label=f"FLOP ratio {n0}→{m0}")
+        axes[0].set(xscale="log", yscale="log", xlabel="rank", ylabel="speedup vs dense",
+                    title=f"T={prefill[0]['T']}, bf16")
+        axes[1].set(xscale="log", xlabel="rank", ylabel="achieved / FLOP-ratio speedup",
+                    title="efficiency")
+        for ax in axes:
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = stem.with_name(stem.name + "_speedup_vs_rank.png")
+        fig.savefig(path, dpi=110)
+        made.append(path)
+    return made
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("json", nargs="+")
+    ap.add_argument("--out", required=True, help="path stem for .md and .png files")
+    args = ap.parse_args()
+    rows, machine = [], {}
+    for f in args.json:
+        data = json.loads(Path(f).read_text())
+        machine = data.get("machine_info", {}).get("layerzip", machine)
+        rows += rows_of(data)
+    stem = Path(args.out)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    header = f"Machine: {machine}\n\n" if machine else ""
+    stem.with_suffix(".md").write_text(header + markdown(rows))
+    for p in plots(rows, stem):
+        print("wrote", p)
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Timing that is correct on GPUs: CUDA events, warm-up, synchronization, optional L2 flush,
+median of rounds; the same interface times CPU code with perf_counter.
+
+With pytest-benchmark, use :func:`pedantic` (or pass ``--benchmark-timer
+layerzip.bench.synchronized_timer`` so its own clock waits for the GPU)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class Timing:
+    """Seconds per call over ``rounds`` measured rounds."""
+
+    median: float
+    mean: float
+    min: float
+    max: float
+    rounds: int
+    device: str
+    times: list[float] = field(repr=False, default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def synchronized_timer() -> float:
+    """perf_counter after draining the current CUDA stream (plain perf_counter on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+_flush_buffers: dict = {}
+
+
+def flush_l2(device: torch.device) -> None:
+    """Overwrite a buffer twice the L2 size so the next round starts with a cold cache."""
+    buf = _flush_buffers.get(device)
+    if buf is None:
+        props = torch.cuda.get_device_properties(device)
+        size = max(getattr(props, "L2_cache_size", 50 << 20), 1 << 20) * 2
+        buf = _flush_buffers[device] = torch.empty(size, dtype=torch.uint8, device=device)
+    buf.zero_()
+
+
+def time_callable(fn: Callable[[], object], *, rounds: int = 20, warmup: int = 3,
+                  flush: bool = False, device: torch.device | str | None = None) -> Timing:
+    """Time ``fn()``: ``warmup`` untimed calls, then ``rounds`` timed ones. On CUDA each round
+    is bracketed by events on the current stream (optionally after an L2 flush, untimed)."""
+    if rounds < 1:
+        raise ValueError("rounds must be ≥ 1")
+    dev = torch.device(device) if device is not None else (
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+        else torch.device("cpu"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(rounds)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(rounds)]
+        for s, e in zip(starts, ends):
+            if flush:
+                flush_l2(dev)
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize(dev)
+        times = [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
+        name = torch.cuda.get_device_name(dev)
+    else:
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        name = "cpu"
+    return Timing(statistics.median(times), statistics.fmean(times), min(times), max(times),
+                  rounds, name, times)
+
+
+def pedantic(benchmark, fn: Callable[[], object], *, rounds: int = 20, warmup: int = 3,
+             flush: bool = False) -> Timing:
+    """Run ``fn`` under pytest-benchmark's pedantic mode (its stats, compare and storage
+    machinery) with a clock that waits for the GPU, and also time it with CUDA events; the
+    event-timed :class:`Timing` goes into ``benchmark.extra_info['timing']`` and is returned."""
+    timing = time_callable(fn, rounds=rounds, warmup=warmup, flush=flush)
+
+    def target():
+        fn()
+        synchronized_timer()
+
+    benchmark.pedantic(target, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    benchmark.extra_info["timing"] = {k: v for k, v in timing.to_dict().items() if k != "times"}
+    return timing
+
+
+def machine_info() -> dict:
+    """GPU name and versions of torch / triton / CUDA, for benchmark records."""
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info

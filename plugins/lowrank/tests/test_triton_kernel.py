@@ -1,0 +1,81 @@
+"""The fused Triton kernel against the plain-torch reference. On CPU this runs through Triton's
+interpreter (scripts/test.sh sets TRITON_INTERPRET=1); on a GPU it runs the compiled kernel."""
+
+import os
+
+import pytest
+import torch
+
+from layerzip_lowrank.backends import TritonBackend, lowrank_matmul_reference
+
+triton = pytest.importorskip("triton")
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1 (scripts/test.sh sets it)",
+                allow_module_level=True)
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+@pytest.mark.parametrize("t,n,m,r,bias", [
+    (5, 24, 40, 3, True),      # nothing a multiple of a tile
+    (33, 64, 48, 16, False),
+    (16, 32, 32, 40, True),    # r larger than one BKR tile, not a power of two
+    (2, 7, 3, 1, True),        # degenerate sizes
+])
+def test_matches_reference_fp32(t, n, m, r, bias):
+    g = torch.Generator().manual_seed(t * 1000 + n)
+    x = torch.randn(t, n, generator=g).to(DEVICE)
+    u = torch.randn(m, r, generator=g).to(DEVICE)
+    v = torch.randn(n, r, generator=g).to(DEVICE)
+    b = torch.randn(m, generator=g).to(DEVICE) if bias else None
+    ref = lowrank_matmul_reference(x.double(), u.double(), v.double(),
+                                   None if b is None else b.double())
+    out = TritonBackend()(x, u, v, b)
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    rel = float((out.double() - ref).norm() / ref.norm())
+    assert rel < (5e-3 if ON_GPU else 1e-5), rel  # tf32 dots on GPU
+
+
+def test_leading_dimensions_and_non_contiguous_inputs():
+    x = torch.randn(2, 3, 20, device=DEVICE)
+    u = torch.randn(7, 18, device=DEVICE)[:, :5]       # non-contiguous factor view
+    v = torch.randn(5, 20, device=DEVICE).t()          # transposed storage
+    out = TritonBackend()(x, u, v, None)
+    ref = lowrank_matmul_reference(x.double(), u.double(), v.double(), None)
+    assert out.shape == (2, 3, 7)
+    assert float((out.double() - ref).norm() / ref.norm()) < (5e-3 if ON_GPU else 1e-5)
+
+
+def test_fresh_random_inputs_every_element_written():
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(19, 48, generator=g).to(DEVICE)
+        u, v = torch.randn(36, 8, generator=g).to(DEVICE), torch.randn(48, 8, generator=g).to(DEVICE)
+        out = TritonBackend()(x, u, v, None)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, lowrank_matmul_reference(x, u, v, None),
+                                   rtol=2e-2 if ON_GPU else 1e-5, atol=2e-2 if ON_GPU else 1e-5)
+
+
+def test_module_uses_triton_for_inference_and_reference_for_training():
+    from layerzip_lowrank import LowRankLinear
+
+    m = LowRankLinear(12, 10, 4, backend="triton").to(DEVICE)
+    with torch.no_grad():
+        m.u.normal_()
+        m.v.normal_()
+    x = torch.randn(3, 10, device=DEVICE)
+    with torch.no_grad():
+        y = m(x)
+    torch.testing.assert_close(y, lowrank_matmul_reference(x, m.u, m.v, m.bias),
+                               rtol=2e-2 if ON_GPU else 1e-5, atol=2e-2 if ON_GPU else 1e-5)
+    x.requires_grad_(True)
+    m(x).sum().backward()  # falls back to the differentiable reference
+    assert m.u.grad is not None and x.grad is not None
+
+
+def test_auto_never_picks_the_interpreter():
+    import layerzip
+
+    if not ON_GPU:
+        assert layerzip.get_backend("lowrank_matmul").name == "torch"
