@@ -100,16 +100,17 @@ def _measure(layer: PlannedLayer, module: ApproxModule, stats: LayerStats | None
         w = view.dense(torch.float64)
         w_hat = module.dense_weight()
         if w_hat is not None:
-            weight_error = float(torch.linalg.matrix_norm(w - w_hat.double().cpu())
+            weight_error = float(torch.linalg.matrix_norm(w - w_hat.to(w.device, torch.float64))
                                  / torch.linalg.matrix_norm(w).clamp_min(1e-300))
     output_error = None
     x = None if stats is None else (stats.holdout if stats.holdout is not None else stats.samples)
     if x is not None and x.shape[0] > 0:
         w = view.dense(torch.float64) if w is None else w
-        y_ref = x.double() @ w.t()
+        xd = x.to(w.device, torch.float64)  # samples are kept on the CPU; the layer may not be
+        y_ref = xd @ w.t()
         if view.bias is not None:
-            y_ref = y_ref + view.bias.double()
-        y = module(x.to(device=view.device, dtype=view.dtype)).double().cpu()
+            y_ref = y_ref + view.bias.to(w.device, torch.float64)
+        y = module(x.to(device=view.device, dtype=view.dtype)).to(w.device, torch.float64)
         output_error = float(torch.linalg.matrix_norm(y - y_ref)
                              / torch.linalg.matrix_norm(y_ref).clamp_min(1e-300))
     elem_size = torch.empty(0, dtype=view.dtype).element_size()

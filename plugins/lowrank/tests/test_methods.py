@@ -182,3 +182,16 @@ def test_fp8_backend_close_to_reference_on_gpu():
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape
     rel = float((out.double() - ref).norm() / ref.norm())
     assert rel < 0.08, rel  # e4m3 has a 3-bit mantissa: a few percent is its honest cost
+
+
+def test_splitk_backend_matches_reference():
+    from layerzip_lowrank.backends import SplitKBackend, lowrank_matmul_reference
+
+    be = SplitKBackend()
+    assert be.splits(4096) == 32 and be.splits(96) == 1 and be.splits(256) == 4
+    x, u, v, b = torch.randn(2, 3, 512), torch.randn(40, 8), torch.randn(512, 8), torch.randn(40)
+    assert be.supports(x) and not be.supports(torch.randn(100, 512))
+    torch.testing.assert_close(be(x, u, v, b), lowrank_matmul_reference(x, u, v, b),
+                               rtol=1e-4, atol=1e-4)
+    vt = torch.randn(8, 512).t()  # non-contiguous: falls back, same function
+    torch.testing.assert_close(be(x, u, vt, b), lowrank_matmul_reference(x, u, vt, b))

@@ -81,6 +81,13 @@ def quantize_rows(t: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
+@functools.cache
+def _fused_quantize_rows():
+    # Eager quantization makes four passes over the activations (abs, amax, divide, cast) and
+    # cost more than both GEMMs; inductor fuses it into one read and one write.
+    return torch.compile(quantize_rows, dynamic=True)
+
+
 class FP8Backend(Backend):
     """Both GEMMs in float8 e4m3 through ``torch._scaled_mm`` with per-row scales (rowwise
     scaling), bf16 output. The factors are quantized once and cached until they change.
@@ -119,14 +126,48 @@ class FP8Backend(Backend):
         vq, vs, uq, us = self._factors(u, v)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        xq, xs = quantize_rows(x2)
+        quantize = _fused_quantize_rows()
+        xq, xs = quantize(x2)
         h = torch._scaled_mm(xq, vq.t(), scale_a=xs, scale_b=vs, out_dtype=torch.bfloat16)
-        hq, hs = quantize_rows(h)
+        hq, hs = quantize(h)
         y = torch._scaled_mm(hq, uq.t(), scale_a=hs, scale_b=us, out_dtype=torch.bfloat16,
                              bias=None)
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y.to(x.dtype).reshape(*lead, -1)
+
+
+class SplitKBackend(Backend):
+    """For few rows (decode): the first GEMM's reduction over n is split into S chunks run as
+    one batched GEMM, so reading V keeps many SMs busy instead of the handful a (T×n)·(n×r)
+    product with T, r small gets; the partial products are summed in fp32."""
+
+    op = OP
+    name = "splitk"
+    priority = -5  # 'autotune' measures it; plain 'auto' keeps the reference
+    description = "split-K first GEMM for few rows (decode); falls back above 64 rows"
+    max_rows = 64
+
+    @staticmethod
+    def splits(n: int) -> int:
+        s = 32
+        while s > 1 and (n % s or n // s < 64):
+            s //= 2
+        return s
+
+    def supports(self, x):
+        return x.numel() // max(x.shape[-1], 1) <= self.max_rows and self.splits(x.shape[-1]) > 1
+
+    def __call__(self, x, u, v, bias):
+        n, r = v.shape
+        s = self.splits(n)
+        if s == 1 or not v.is_contiguous():
+            return lowrank_matmul_reference(x, u, v, bias)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, n)
+        parts = torch.bmm(x2.view(-1, s, n // s).transpose(0, 1), v.view(s, n // s, r))
+        h = parts.sum(0, dtype=torch.float32).to(x.dtype)
+        return F.linear(h, u, bias).reshape(*lead, u.shape[0])
 
 
 class TensorRTBackend(Backend):

@@ -8,6 +8,7 @@ from .backends import (
     CompileBackend,
     FP8Backend,
     MeasuredBackend,
+    SplitKBackend,
     TensorRTBackend,
     TorchBackend,
     TritonBackend,
@@ -29,4 +30,5 @@ def register_backends(register):
     register(FP8Backend())
     register(TensorRTBackend())
     register(TritonBackend())
+    register(SplitKBackend())
     register(MeasuredBackend())

@@ -29,8 +29,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 def _configs():
     if INTERPRET:  # the interpreter is slow: one small, valid configuration
         return [triton.Config({"BM": 16, "BK": 32, "BN": 32, "BKR": 16}, num_warps=1)]
+    if os.environ.get("LAYERZIP_TRITON_QUICK") == "1":  # correctness runs: two tile shapes
+        return [triton.Config({"BM": 32, "BK": 64, "BN": 128, "BKR": 64}, num_warps=4),
+                triton.Config({"BM": 128, "BK": 64, "BN": 128, "BKR": 64}, num_warps=8)]
     out = []
-    for bm in (64, 128):
+    for bm in (32, 64, 128):
         for bk in (64,):
             for bn in (128, 256):
                 for warps in (4, 8):
