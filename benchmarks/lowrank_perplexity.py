@@ -31,7 +31,11 @@ def main() -> None:
     ap.add_argument("--calib-windows", type=int, default=8)
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results/lowrank_perplexity")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the JSON")
     args = ap.parse_args()
+    if args.plot_only:
+        plot(json.loads(Path(args.out).with_suffix(".json").read_text())["rows"], Path(args.out))
+        return
     lm = load_model("smollm2")
     text = default_text()
     calib = text_windows(lm.tokenizer, text, args.window, args.calib_windows)
@@ -66,7 +70,29 @@ def main() -> None:
         p = {r["method"]: r["perplexity"] for r in rows if r["ratio"] == ratio}
         lines.append(f"| {ratio:.1f} | {p['svd']:.4g} | {p['svd (whitened)']:.4g} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot(rows, out)
     print("\n".join(lines))
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    """Perplexity (log scale) against the fraction of parameters removed, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    dense = rows[0]["perplexity"]
+    for method in ("svd", "svd (whitened)"):
+        pts = sorted((r["params_removed"], r["perplexity"]) for r in rows if r["method"] == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
+    ax.axhline(dense, color="k", ls="--", label=f"dense ({dense:.1f})")
+    ax.set(yscale="log", xlabel="fraction of the replaced layers' parameters removed",
+           ylabel="held-out perplexity", title="SmolLM2-135M, all block projections")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_name(out.name + "_vs_params.png"), dpi=110)
 
 
 if __name__ == "__main__":

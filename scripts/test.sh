@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The whole test suite (CPU): core, every plugin, cross-package tests, Triton kernels through the
-# interpreter, and the benchmark suite once in smoke mode. Extra arguments go to pytest.
+# The whole test suite (CPU): the benchmark suite once in smoke mode (each case runs once, so
+# benchmarks never rot), then core, every plugin and the cross-package tests, with Triton kernels
+# run through the interpreter. Extra arguments go to the main pytest run.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$root/scripts/setup.sh"
 cd "$root"
 export TRITON_INTERPRET=1 PYTHONDONTWRITEBYTECODE=1
-exec "${LAYERZIP_VENV:-$root/.venv}/bin/python" -m pytest "$@"
+py="${LAYERZIP_VENV:-$root/.venv}/bin/python"
+(cd benchmarks && "$py" -m pytest -q -p no:cacheprovider --benchmark-disable)
+exec "$py" -m pytest "$@"

@@ -26,7 +26,13 @@ def default_spec_path() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = []
+    if "--" in argv:  # everything after '--' is for pytest ('layerzip bench')
+        i = argv.index("--")
+        argv, passthrough = argv[:i], argv[i + 1:]
     args = parser.parse_args(argv)
+    args.pytest_args = passthrough
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -76,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--window", type=int, default=256)
     s.add_argument("--windows", type=int, default=8)
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("bench", help="run a benchmark suite; write JSON, a markdown table, plots")
+    s.add_argument("suite", help="suite name: benchmarks/test_<suite>*.py (e.g. lowrank)")
+    s.add_argument("--benchmarks-dir", default="benchmarks", help="the repository's benchmarks/")
+    s.add_argument("--out", help="results directory (default: <benchmarks-dir>/results)")
+    s.add_argument("--smoke", action="store_true", help="run each case once, no timing stats")
+    s.set_defaults(func=cmd_bench)  # arguments after '--' go to pytest
 
     s = sub.add_parser("schema", help="write the JSON Schema of specs for the installed plugins")
     s.add_argument("-o", "--output", help="file to write (default: stdout)")
@@ -197,6 +210,33 @@ def cmd_eval(args) -> int:
     what = f"{loaded.name}" + (f" + {args.compressed}" if args.compressed else "")
     print(f"perplexity of {what} on {len(windows)}×{args.window} tokens: {ppl:.3f}")
     return 0
+
+
+def cmd_bench(args) -> int:
+    import subprocess
+
+    bdir = Path(args.benchmarks_dir).resolve()
+    files = sorted(bdir.glob(f"test_{args.suite}*.py"))
+    if not files:
+        known = sorted({p.stem.removeprefix("test_").split("_")[0]
+                        for p in bdir.glob("test_*.py")})
+        raise LayerzipError(f"no benchmark suite {args.suite!r} in {bdir} (suites: "
+                            f"{', '.join(known) or 'none'})")
+    out = Path(args.out).resolve() if args.out else bdir / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / args.suite
+    cmd = [sys.executable, "-m", "pytest", *map(str, files), "-q", "-p", "no:cacheprovider",
+           f"--benchmark-json={stem.with_suffix('.json')}"]
+    if args.smoke:
+        cmd.append("--benchmark-disable")
+    rc = subprocess.call(cmd + args.pytest_args, cwd=bdir)
+    if rc != 0:
+        print(f"layerzip: benchmark run exited with {rc}", file=sys.stderr)
+        return rc
+    if not args.smoke:
+        rc = subprocess.call([sys.executable, str(bdir / "report.py"),
+                              str(stem.with_suffix(".json")), "--out", str(stem)], cwd=bdir)
+    return rc
 
 
 def cmd_schema(args) -> int:

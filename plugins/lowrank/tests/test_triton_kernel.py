@@ -33,7 +33,7 @@ def test_matches_reference_fp32(t, n, m, r, bias):
     out = TritonBackend()(x, u, v, b)
     assert out.shape == ref.shape and out.dtype == x.dtype
     rel = float((out.double() - ref).norm() / ref.norm())
-    assert rel < (5e-3 if ON_GPU else 1e-5), rel  # tf32 dots on GPU
+    assert rel < 1e-5, rel  # float32 runs IEEE dots, like torch's default matmul
 
 
 def test_leading_dimensions_and_non_contiguous_inputs():
@@ -43,7 +43,7 @@ def test_leading_dimensions_and_non_contiguous_inputs():
     out = TritonBackend()(x, u, v, None)
     ref = lowrank_matmul_reference(x.double(), u.double(), v.double(), None)
     assert out.shape == (2, 3, 7)
-    assert float((out.double() - ref).norm() / ref.norm()) < (5e-3 if ON_GPU else 1e-5)
+    assert float((out.double() - ref).norm() / ref.norm()) < 1e-5
 
 
 def test_fresh_random_inputs_every_element_written():
@@ -54,7 +54,24 @@ def test_fresh_random_inputs_every_element_written():
         out = TritonBackend()(x, u, v, None)
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out, lowrank_matmul_reference(x, u, v, None),
-                                   rtol=2e-2 if ON_GPU else 1e-5, atol=2e-2 if ON_GPU else 1e-5)
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [
+    torch.float16,
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+        not ON_GPU, reason="Triton's CPU interpreter (3.9) computes bf16 dots wrongly; the same "
+                           "kernel is checked in bf16 on the GPU by benchmarks/device_run.sh")),
+])
+def test_half_precision_inputs(dtype):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(40, 64, generator=g).to(DEVICE, dtype)
+    u = torch.randn(48, 16, generator=g).to(DEVICE, dtype)
+    v = torch.randn(64, 16, generator=g).to(DEVICE, dtype)
+    out = TritonBackend()(x, u, v, None)
+    ref = lowrank_matmul_reference(x.double(), u.double(), v.double(), None)
+    assert out.dtype == dtype
+    assert float((out.double() - ref).norm() / ref.norm()) < 1e-2  # half-precision h
 
 
 def test_module_uses_triton_for_inference_and_reference_for_training():

@@ -53,7 +53,7 @@ if triton is not None:
         x_ptr, v_ptr, u_ptr, b_ptr, h_ptr, y_ptr,
         T, N_IN, M_OUT, R, T_BUCKET,
         sxt, sxn, svn, svr, sum_, sur, sht, shr, syt, sym,
-        HAS_BIAS: tl.constexpr, BR: tl.constexpr,
+        HAS_BIAS: tl.constexpr, BR: tl.constexpr, PRECISION: tl.constexpr,
         BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BKR: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -69,7 +69,7 @@ if triton is not None:
                              mask=rmask[:, None] & (ks[None, :] < N_IN), other=0.0)
                 vt = tl.load(v_ptr + ks[:, None] * svn + rc[None, :] * svr,
                              mask=(ks[:, None] < N_IN) & (rc[None, :] < R), other=0.0)
-                acc = tl.dot(xt, vt, acc)
+                acc = tl.dot(xt, vt, acc, input_precision=PRECISION)
             tl.store(h_ptr + rows[:, None] * sht + rc[None, :] * shr,
                      acc.to(h_ptr.dtype.element_ty), mask=rmask[:, None] & (rc[None, :] < R))
         tl.debug_barrier()  # this program's h rows, written above, are read by all its threads
@@ -84,7 +84,7 @@ if triton is not None:
                              mask=rmask[:, None] & (ks[None, :] < R), other=0.0)
                 ut = tl.load(u_ptr + cols[None, :] * sum_ + ks[:, None] * sur,
                              mask=cmask[None, :] & (ks[:, None] < R), other=0.0)
-                acc = tl.dot(ht, ut, acc)
+                acc = tl.dot(ht, ut, acc, input_precision=PRECISION)
             if HAS_BIAS:
                 acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + rows[:, None] * syt + cols[None, :] * sym,
@@ -117,5 +117,7 @@ def lowrank_fused(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
         x2.stride(0), x2.stride(1), v.stride(0), v.stride(1), u.stride(0), u.stride(1),
         h.stride(0), h.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, BR=br,
+        # float32 inputs follow torch's own matmul setting (IEEE unless TF32 is allowed)
+        PRECISION="tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
     )
     return y.reshape(*lead, m)
