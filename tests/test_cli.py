@@ -79,3 +79,26 @@ def test_plugins_lists_lowrank(capsys):
     data = {d["name"]: d for d in json.loads(capsys.readouterr().out)}
     assert data["lowrank"]["error"] is None
     assert set(data["lowrank"]["provides"]["approximators"]) == {"svd", "rsvd", "adaptive"}
+
+
+def test_chat_through_a_pipe_with_a_compressed_model(tmp_path):
+    import subprocess
+    import sys
+
+    spec = tmp_path / "k.yaml"
+    spec.write_text("rules:\n  - targets: ['re:transformer\\.h\\.\\d+\\.mlp\\.c_fc']\n"
+                    "    method: kronecker\n    params: {factors: [[16, 8], [16, 8]], rank: 4}\n")
+    out = tmp_path / "out"
+    assert main(["compress", str(spec), "--model", "gpt2-tiny", "--out", str(out), "--window",
+                 "32", "--calib-windows", "1", "--eval-windows", "1", "--quiet"]) == 0
+    proc = subprocess.run([sys.executable, "-m", "layerzip.cli", "chat", "--model", "gpt2-tiny",
+                           "--compressed", str(out), "--max-tokens", "6"],
+                          input="hello there\n\nsecond line\n", capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    replies = proc.stdout.splitlines()
+    assert len(replies) == 2, proc.stdout  # one per non-empty input line, then EOF ends it
+    sampled = subprocess.run([sys.executable, "-m", "layerzip.cli", "chat", "--model",
+                              "gpt2-tiny", "--max-tokens", "4", "--temperature", "0.8"],
+                             input="abc\n", capture_output=True, text=True, timeout=120)
+    assert sampled.returncode == 0 and len(sampled.stdout.splitlines()) == 1, sampled.stderr

@@ -196,3 +196,31 @@ def test_model_is_not_mutated_by_plan(toy):
     layerzip.plan(model, spec(4))
     assert_unchanged(model, snap)
     copy.deepcopy(model)
+
+
+def test_gram_of_every_layer_is_its_own_even_when_memory_is_reused(toy):
+    # Intermediates of the same shape are freed and reallocated at the same address during a
+    # forward; the shared-input cache must never hand one layer another layer's Gram.
+    torch.manual_seed(0)
+    model = MLP(width=16, depth=8)
+    batches = [torch.randn(4, 16) for _ in range(2)]
+    inputs = {}
+
+    def spy(name):
+        def hook(module, args):
+            inputs.setdefault(name, []).append(args[0].detach().double().reshape(-1, 16))
+        return hook
+
+    handles = [m.register_forward_pre_hook(spy(n)) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    for h in handles:
+        h.remove()
+    layerzip.compress(model, spec(4, use_calibration=True), calibration=batches, progress=False)
+    grams = toy.ToyApproximator.seen_stats
+    assert len(grams) == 8
+    for i, stats in enumerate(grams):
+        x = torch.cat(inputs[f"layers.{i}"])
+        torch.testing.assert_close(stats.gram, x.t() @ x, msg=f"layer {i}")

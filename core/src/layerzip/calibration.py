@@ -34,14 +34,20 @@ class _Collector:
         self._keys = {"samples": None, "holdout": None}
         self.in_features = in_features
 
-    def add(self, x: Tensor, holdout: bool, gram_cache: dict) -> None:
-        x = x.detach().reshape(-1, self.in_features)
+    def add(self, raw: Tensor, holdout: bool, gram_cache: dict) -> None:
+        x = raw.detach().reshape(-1, self.in_features)
         if not holdout and self.want_gram:
-            key = (x.data_ptr(), tuple(x.shape), x._version)
-            g = gram_cache.get(key)
-            if g is None:  # layers sharing one input (q, k, v) share this product
+            # Layers fed the very same tensor object (q, k, v) share one product per batch. The
+            # cache holds the tensor itself, so its memory cannot be reused by another
+            # intermediate (and its id by another object) while the entry lives; keying on a
+            # data pointer alone handed layers each other's Grams once the allocator reused it.
+            hit = gram_cache.get(id(raw))
+            if hit is not None and hit[0] is raw:
+                g = hit[1]
+            else:
                 xd = x.to(torch.float64)
-                g = gram_cache[key] = xd.t() @ xd
+                g = xd.t() @ xd
+                gram_cache[id(raw)] = (raw, g)
             self.stats.gram = g.cpu().clone() if self.stats.gram is None else \
                 self.stats.gram.add_(g.cpu())
         if not holdout:

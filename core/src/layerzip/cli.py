@@ -83,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--windows", type=int, default=8)
     s.set_defaults(func=cmd_eval)
 
+    s = sub.add_parser("chat", help="generate with a (compressed) causal LM, one reply per "
+                                    "line read from stdin until EOF")
+    s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument("--compressed", help="directory written by 'layerzip compress --out'")
+    s.add_argument("--max-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-k", type=int, default=50)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_chat)
+
     s = sub.add_parser("bench", help="run a benchmark suite; write JSON, a markdown table, plots")
     s.add_argument("suite", help="suite name: benchmarks/test_<suite>*.py (e.g. lowrank)")
     s.add_argument("--benchmarks-dir", default="benchmarks", help="the repository's benchmarks/")
@@ -209,6 +219,46 @@ def cmd_eval(args) -> int:
     ppl = perplexity(loaded.model, windows)
     what = f"{loaded.name}" + (f" + {args.compressed}" if args.compressed else "")
     print(f"perplexity of {what} on {len(windows)}×{args.window} tokens: {ppl:.3f}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    import torch
+
+    from .checkpoint import load
+    from .models import load_model
+
+    if args.max_tokens < 1 or args.temperature < 0:
+        raise LayerzipError("--max-tokens must be ≥ 1 and --temperature ≥ 0")
+    loaded = load_model(args.model)
+    if args.compressed:
+        load(loaded.model, args.compressed)
+    model, tok = loaded.model, loaded.tokenizer
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"{loaded.name}{' + ' + args.compressed if args.compressed else ''}: type a "
+              "message, Ctrl-D to quit", file=sys.stderr)
+    torch.manual_seed(args.seed)
+    while True:
+        if interactive:
+            print("> ", end="", flush=True, file=sys.stderr)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        message = line.rstrip("\n")
+        if not message.strip():
+            continue
+        chat = getattr(tok, "chat_prompt", None)
+        ids = (chat(message) if chat else None) or tok.encode(message)
+        input_ids = torch.tensor([list(ids)], device=next(model.parameters()).device)
+        sample = args.temperature > 0
+        with torch.no_grad():
+            out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                 max_new_tokens=args.max_tokens, do_sample=sample,
+                                 temperature=args.temperature if sample else None,
+                                 top_k=args.top_k if sample else None,
+                                 pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+        print(tok.decode(out[0, input_ids.shape[1]:].tolist()).strip(), flush=True)
     return 0
 
 

@@ -1,0 +1,80 @@
+"""KroneckerLinear: y = Σₖ (Aₖ ⊗ Bₖ) x + S x + b, never materializing the (m × n) weight."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+import layerzip
+from layerzip import ApproxModule
+
+OP = "kron_matmul"
+
+
+def kron_matmul_reference(x: Tensor, a: Tensor, b: Tensor, res_idx: Tensor | None,
+                          res_val: Tensor | None, bias: Tensor | None) -> Tensor:
+    """The vec trick, batched over the r terms: for x reshaped to X (T, n1, n2),
+    (A ⊗ B) vec(X) = vec(A X Bᵀ); the residual is a gather/scatter over its flat indices."""
+    r, m1, n1 = a.shape
+    _, m2, n2 = b.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, n1 * n2)
+    xm = x2.reshape(-1, 1, n1, n2)
+    y = (a.unsqueeze(0) @ (xm @ b.transpose(-1, -2).unsqueeze(0))).sum(1)  # (T, m1, m2)
+    y = y.reshape(-1, m1 * m2)
+    if res_idx is not None and res_idx.numel():
+        idx = res_idx.long()
+        rows, cols = idx // (n1 * n2), idx % (n1 * n2)
+        y = y.index_add(1, rows, x2[:, cols] * res_val)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, m1 * m2)
+
+
+class KroneckerLinear(ApproxModule):
+    """Factors A (r, m1, n1) and B (r, m2, n2) (the scale α folded into A), an optional sparse
+    residual stored as flat int32 indices + values (no dense copy), and the bias."""
+
+    def __init__(self, out_features: int, in_features: int, factors, rank: int, nnz: int = 0,
+                 bias: bool = True, backend: str = "auto"):
+        super().__init__()
+        (m1, n1), (m2, n2) = factors
+        if m1 * m2 != out_features or n1 * n2 != in_features:
+            raise ValueError(f"factors {factors} do not multiply to {out_features}×{in_features}")
+        self.out_features, self.in_features, self.rank = int(out_features), int(in_features), \
+            int(rank)
+        self.factors = [[int(m1), int(n1)], [int(m2), int(n2)]]
+        self.a = nn.Parameter(torch.zeros(rank, m1, n1))
+        self.b = nn.Parameter(torch.zeros(rank, m2, n2))
+        self.register_buffer("res_idx", torch.zeros(nnz, dtype=torch.int32))
+        self.res_val = nn.Parameter(torch.zeros(nnz))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        kernel = layerzip.get_backend(OP, backend)
+        self.backend_name, self._kernel = kernel.name, kernel
+        self._reference = layerzip.get_registry().reference_backend(OP)
+
+    def forward(self, x):
+        kernel = self._kernel if self._kernel.supports(x) else self._reference
+        return kernel(x, self.a, self.b, self.res_idx, self.res_val, self.bias)
+
+    @torch.no_grad()
+    def dense_weight(self) -> Tensor:
+        from .factorize import kron_sum
+
+        w = kron_sum(self.a.double(), self.b.double())
+        if self.res_idx.numel():
+            w.view(-1).index_add_(0, self.res_idx.long(), self.res_val.double())
+        return w.float()
+
+    def config(self) -> dict:
+        return {"out_features": self.out_features, "in_features": self.in_features,
+                "factors": self.factors, "rank": self.rank, "nnz": int(self.res_idx.numel()),
+                "bias": self.bias is not None, "backend": self.backend_name}
+
+    @classmethod
+    def from_config(cls, config: dict) -> KroneckerLinear:
+        return cls(**config)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"factors={self.factors}, rank={self.rank}, residual_nnz={self.res_idx.numel()}")
