@@ -10,9 +10,9 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 LAYERZIP_TRITON_QUICK=1 python3 -m pytest tests/test_gpu.py plugins/lowrank/tests/test_triton_kernel.py \
-  plugins/lowrank/tests/test_methods.py -q -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1; tail -n 15 "$OUT/gpu_tests.log"
+  plugins/lowrank/tests/test_methods.py plugins/kronecker/tests -q -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1; tail -n 15 "$OUT/gpu_tests.log"
 cd benchmarks
-python3 -m pytest ${SUITES:-test_lowrank_speed.py test_lowrank_model.py} -q -p no:cacheprovider \
-  --benchmark-json="$OUT/lowrank_gpu.json" \
+python3 -m pytest ${SUITES:-test_lowrank_speed.py test_lowrank_model.py test_kronecker_speed.py} -q -p no:cacheprovider \
+  --benchmark-json="$OUT/${NAME:-lowrank_gpu}.json" \
   --benchmark-columns=median,rounds 2>&1 | tee "$OUT/bench.log" | tail -n 40
-python3 report.py "$OUT/lowrank_gpu.json" --out "$OUT/lowrank_gpu" | tail -n 60
+python3 report.py "$OUT/${NAME:-lowrank_gpu}.json" --out "$OUT/${NAME:-lowrank_gpu}" | tail -n 60

@@ -195,6 +195,9 @@ def _transformers():
     except ImportError:
         raise LayerzipError("this needs the transformers package: pip install 'layerzip[hf]'"
                             ) from None
+    # layerzip prints its own progress and report; the library's bars and warnings are noise
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     return transformers
 
 
