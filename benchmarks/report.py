@@ -45,7 +45,7 @@ def plots(rows: list[dict], stem: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     made = []
-    prefill = [r for r in rows if r.get("T", 0) >= 1024 and "r" in r]
+    prefill = [r for r in rows if r.get("T", 0) >= 1024 and "r" in r and "efficiency_flops" in r]
     if prefill:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for (n, m) in sorted({(r["n"], r["m"]) for r in prefill}):

@@ -13,19 +13,25 @@ OP = "kron_matmul"
 
 def kron_matmul_reference(x: Tensor, a: Tensor, b: Tensor, res_idx: Tensor | None,
                           res_val: Tensor | None, bias: Tensor | None) -> Tensor:
-    """The vec trick, batched over the r terms: for x reshaped to X (T, n1, n2),
-    (A ⊗ B) vec(X) = vec(A X Bᵀ); the residual is a gather/scatter over its flat indices."""
+    """The vec trick: for x reshaped to X (T, n1, n2), (A ⊗ B) vec(X) = vec(A X Bᵀ), computed
+    as A @ (X @ Bᵀ) per term (the fastest plain-torch order measured on the H100); the residual
+    is a sparse (m × n) COO matrix built from the sorted flat indices, applied with
+    torch.sparse.mm (a gather of x's columns would materialize T × nnz)."""
     r, m1, n1 = a.shape
     _, m2, n2 = b.shape
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, n1 * n2)
-    xm = x2.reshape(-1, 1, n1, n2)
-    y = (a.unsqueeze(0) @ (xm @ b.transpose(-1, -2).unsqueeze(0))).sum(1)  # (T, m1, m2)
+    n = n1 * n2
+    x3 = x.reshape(-1, n1, n2)
+    y = None
+    for k in range(r):
+        term = torch.matmul(a[k], x3 @ b[k].t())  # (T, m1, m2)
+        y = term if y is None else y + term
     y = y.reshape(-1, m1 * m2)
     if res_idx is not None and res_idx.numel():
         idx = res_idx.long()
-        rows, cols = idx // (n1 * n2), idx % (n1 * n2)
-        y = y.index_add(1, rows, x2[:, cols] * res_val)
+        s = torch.sparse_coo_tensor(torch.stack([idx // n, idx % n]), res_val,
+                                    (m1 * m2, n), is_coalesced=True, check_invariants=False)
+        y = y + torch.sparse.mm(s, x3.reshape(-1, n).t()).t()
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, m1 * m2)
