@@ -139,3 +139,13 @@ def test_forward_matches_dense_weight_and_trains():
                                else x @ m.dense_weight().t(), rtol=1e-4, atol=1e-5)
     m(x).square().sum().backward()
     assert m.a.grad is not None and m.b.grad is not None and m.res_val.grad is not None
+
+
+def test_half_precision_residual():
+    w = torch.randn(24, 16, generator=torch.Generator().manual_seed(5))
+    m = fit(w, factors=[[4, 4], [6, 4]], rank=1, residual_fraction=0.1).to(torch.bfloat16)
+    x = torch.randn(5, 16).bfloat16()
+    y = m(x)
+    assert y.dtype == torch.bfloat16
+    ref = x.double() @ m.dense_weight().double().t()  # the view had no bias
+    assert float((y.double() - ref).norm() / ref.norm()) < 2e-2

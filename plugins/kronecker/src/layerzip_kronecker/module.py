@@ -29,9 +29,12 @@ def kron_matmul_reference(x: Tensor, a: Tensor, b: Tensor, res_idx: Tensor | Non
     y = y.reshape(-1, m1 * m2)
     if res_idx is not None and res_idx.numel():
         idx = res_idx.long()
-        s = torch.sparse_coo_tensor(torch.stack([idx // n, idx % n]), res_val,
+        # cuSPARSE has no bf16/fp16 SpMM: the residual product runs in float32
+        work = torch.float32 if res_val.dtype in (torch.bfloat16, torch.float16) else \
+            res_val.dtype
+        s = torch.sparse_coo_tensor(torch.stack([idx // n, idx % n]), res_val.to(work),
                                     (m1 * m2, n), is_coalesced=True, check_invariants=False)
-        y = y + torch.sparse.mm(s, x3.reshape(-1, n).t()).t()
+        y = y + torch.sparse.mm(s, x3.reshape(-1, n).t().to(work)).t().to(y.dtype)
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, m1 * m2)
