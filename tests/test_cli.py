@@ -102,3 +102,16 @@ def test_chat_through_a_pipe_with_a_compressed_model(tmp_path):
                               "gpt2-tiny", "--max-tokens", "4", "--temperature", "0.8"],
                              input="abc\n", capture_output=True, text=True, timeout=120)
     assert sampled.returncode == 0 and len(sampled.stdout.splitlines()) == 1, sampled.stderr
+
+
+def test_local_hugging_face_directory_as_model(smollm2, tmp_path, capsys):
+    from layerzip.models import cache_dir
+
+    local = cache_dir() / "smollm2-135m-instruct-fp32"  # written by the smollm2 built-in
+    spec = tmp_path / "s.yaml"
+    spec.write_text("rules:\n  - targets: ['model.layers.0.mlp.down_proj']\n    method: svd\n"
+                    "    params: {rank: 8}\n")
+    assert main(["plan", str(spec), "--model", str(local), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["layers"][0]["name"] == "model.layers.0.mlp.down_proj"
+    assert data["layers"][0]["params_after"] == 8 * (576 + 1536)

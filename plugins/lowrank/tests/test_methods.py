@@ -158,10 +158,11 @@ def test_compile_backend_matches_reference():
                                rtol=1e-5, atol=1e-5)
 
 
-def test_saved_with_unavailable_backend_loads_with_auto():
+def test_saved_with_unavailable_backend_loads_with_auto(monkeypatch):
+    from layerzip_lowrank.backends import FP8Backend
+
+    monkeypatch.setattr(FP8Backend, "available", lambda self: (False, "no GPU here"))
     cfg = {"out_features": 4, "in_features": 3, "rank": 2, "bias": True, "backend": "fp8"}
-    if torch.cuda.is_available():
-        pytest.skip("fp8 may be available on this machine")
     m = LowRankLinear.from_config(cfg)
     assert m.backend_name != "fp8"
 

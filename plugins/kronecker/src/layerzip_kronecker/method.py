@@ -16,6 +16,7 @@ from .factorize import (
     kron_params,
     kron_sum,
     nearest_kronecker,
+    rearrange,
     tail_error,
 )
 from .module import OP, KroneckerLinear
@@ -98,7 +99,7 @@ class Kronecker(Approximator):
         m, n = view.shape
         return (1 - (params.ratio or 0.0)) * m * n
 
-    def _residual_nnz(self, view: WeightView, params, kron: int) -> int:
+    def _residual_nnz(self, view: WeightView, params) -> int:
         m, n = view.shape
         cost = _index_cost(view.dtype)
         if params.residual_fraction is not None:
@@ -113,7 +114,7 @@ class Kronecker(Approximator):
             return min(params.rank or 1, cap)
         budget = self._budget(view, params)
         if params.residual_fraction is not None or params.residual_params is not None:
-            budget -= self._residual_nnz(view, params, 0) * _index_cost(view.dtype)
+            budget -= self._residual_nnz(view, params) * _index_cost(view.dtype)
         return max(1, min(cap, math.floor(budget / (m1 * n1 + m2 * n2))))
 
     def _candidates(self, view: WeightView, params) -> list[tuple[int, int, int, int]]:
@@ -124,25 +125,27 @@ class Kronecker(Approximator):
         return [(m1, n1, m // m1, n // n1) for m1 in balanced_divisors(m)
                 for n1 in balanced_divisors(n)]
 
+    @staticmethod
+    def _most_balanced(cands):
+        return min(cands, key=lambda c: abs(math.log(c[0] * c[1]) - math.log(c[2] * c[3])))
+
     def _choose(self, view, params, w=None):
         """(m1, n1, m2, n2, rank) — for 'auto', the lowest error at the budget, from singular
         values only; without the weight at hand (plan time) the most balanced candidate."""
         cands = self._candidates(view, params)
+        ref = self._most_balanced(cands)
         if len(cands) == 1 or w is None:
-            c = min(cands, key=lambda c: abs(math.log(c[0] * c[1]) - math.log(c[2] * c[3])))
-            return (*c, self._rank_for(view, params, *c))
+            return (*ref, self._rank_for(view, params, *ref))
+        # with a fixed rank, compare every shape at the parameter budget it implies at `ref`
+        fixed_budget = kron_params(*ref, self._rank_for(view, params, *ref))
         best = None
         for c in cands:
-            r = self._rank_for(view, params, *c)
-            if params.ratio is None:  # a fixed rank: compare shapes at the budget it implies
-                ref = min(cands, key=lambda c: abs(math.log(c[0] * c[1]) - math.log(c[2] * c[3])))
-                budget = kron_params(*ref, self._rank_for(view, params, *ref))
-                r = max(1, min(min(c[0] * c[1], c[2] * c[3]),
-                               math.floor(budget / (c[0] * c[1] + c[2] * c[3]))))
-            from .factorize import rearrange
-
-            s = torch.linalg.svdvals(rearrange(w, *c))
-            err = tail_error(s, r)
+            if params.ratio is None:
+                r = max(1, min(c[0] * c[1], c[2] * c[3],
+                               fixed_budget // (c[0] * c[1] + c[2] * c[3])))
+            else:
+                r = self._rank_for(view, params, *c)
+            err = tail_error(torch.linalg.svdvals(rearrange(w, *c)), r)
             if best is None or err < best[0]:
                 best = (err, (*c, r))
         return best[1]
@@ -150,7 +153,7 @@ class Kronecker(Approximator):
     def estimate(self, view: WeightView, params) -> Estimate:
         m1, n1, m2, n2, r = self._choose(view, params)
         m, n = view.shape
-        nnz = self._residual_nnz(view, params, kron_params(m1, n1, m2, n2, r))
+        nnz = self._residual_nnz(view, params)
         # vec trick per term: X Bᵀ costs 2·n1·n2·m2, A (X Bᵀ) costs 2·m1·n1·m2
         flops = r * 2 * (n1 * n2 * m2 + m1 * n1 * m2) + 2 * nnz
         return Estimate(kron_params(m1, n1, m2, n2, r) + math.ceil(nnz * _index_cost(view.dtype))
@@ -171,7 +174,7 @@ class Kronecker(Approximator):
             alpha = 1.0
         a = a * alpha
         resid = w - alpha * approx
-        nnz = min(self._residual_nnz(view, params, kron_params(m1, n1, m2, n2, r)), w.numel())
+        nnz = min(self._residual_nnz(view, params), w.numel())
         idx = torch.zeros(0, dtype=torch.int64)
         vals = torch.zeros(0, dtype=torch.float64)
         if nnz:

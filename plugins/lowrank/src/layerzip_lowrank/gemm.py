@@ -97,8 +97,8 @@ class LowRankGEMM(nn.Module):
         work = b.float() if b.dtype in (torch.float16, torch.bfloat16) else b
         u, s, v = self._decompose(work)
         k = min(b.shape[-2:])
-        r = self._select_rank(s if s.dim() == 1 else s[0], k) if s.dim() == 1 else \
-            max(self._select_rank(si, k) for si in s)
+        # a batch of operands shares one rank: the largest any member needs
+        r = max(self._select_rank(si, k) for si in s.reshape(-1, s.shape[-1]))
         root = s[..., :r].sqrt().unsqueeze(-2)
         return (u[..., :r] * root).to(b.dtype), (v[..., :r] * root).to(b.dtype)
 
