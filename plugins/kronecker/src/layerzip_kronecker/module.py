@@ -26,18 +26,25 @@ def kron_matmul_reference(x: Tensor, a: Tensor, b: Tensor, res_idx: Tensor | Non
     for k in range(r):
         term = torch.matmul(a[k], x3 @ b[k].t())  # (T, m1, m2)
         y = term if y is None else y + term
-    y = y.reshape(-1, m1 * m2)
+    return add_residual_and_bias(y.reshape(-1, m1 * m2), x3.reshape(-1, n), res_idx, res_val,
+                                 bias).reshape(*lead, m1 * m2)
+
+
+def add_residual_and_bias(y: Tensor, x2: Tensor, res_idx: Tensor | None,
+                          res_val: Tensor | None, bias: Tensor | None) -> Tensor:
+    """y (T, m) + S x2 (T, n) + bias, with S the sparse residual from sorted flat indices."""
+    n = x2.shape[-1]
     if res_idx is not None and res_idx.numel():
         idx = res_idx.long()
         # cuSPARSE has no bf16/fp16 SpMM: the residual product runs in float32
         work = torch.float32 if res_val.dtype in (torch.bfloat16, torch.float16) else \
             res_val.dtype
         s = torch.sparse_coo_tensor(torch.stack([idx // n, idx % n]), res_val.to(work),
-                                    (m1 * m2, n), is_coalesced=True, check_invariants=False)
-        y = y + torch.sparse.mm(s, x3.reshape(-1, n).t().to(work)).t().to(y.dtype)
+                                    (y.shape[-1], n), is_coalesced=True, check_invariants=False)
+        y = y + torch.sparse.mm(s, x2.t().to(work)).t().to(y.dtype)
     if bias is not None:
         y = y + bias
-    return y.reshape(*lead, m1 * m2)
+    return y
 
 
 class KroneckerLinear(ApproxModule):

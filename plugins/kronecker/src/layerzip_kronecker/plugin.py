@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+
+import torch
+
 import layerzip
 from layerzip import Backend
 
 from .method import Kronecker
-from .module import OP, kron_matmul_reference
+from .module import OP, add_residual_and_bias, kron_matmul_reference
 
 
 class TorchKronBackend(Backend):
@@ -19,6 +23,44 @@ class TorchKronBackend(Backend):
         return kron_matmul_reference(x, a, b, res_idx, res_val, bias)
 
 
+class TritonKronBackend(Backend):
+    """The fused Triton vec-trick kernel (triton_kernel.py); residual and bias added after.
+    Inference only: inputs that need gradients fall back to the reference."""
+
+    op = OP
+    name = "triton"
+    description = "fused Triton kernel: X_t read once, Σ Aₖ X_t Bₖᵀ on tensor cores, Y_t written once"
+
+    @property
+    def priority(self):
+        return 10 if torch.cuda.is_available() else -20  # never 'auto' under the interpreter
+
+    def available(self):
+        if importlib.util.find_spec("triton") is None:
+            return False, "triton is not installed (pip install triton)"
+        from .triton_kernel import INTERPRET
+
+        if not (torch.cuda.is_available() or INTERPRET):
+            return False, "needs a CUDA GPU (or TRITON_INTERPRET=1 to run on the CPU, slowly)"
+        return True, ""
+
+    def supports(self, x):
+        from .triton_kernel import INTERPRET
+
+        if torch.is_grad_enabled() and x.requires_grad:
+            return False
+        return (x.device.type == "cuda" or (INTERPRET and x.device.type == "cpu")) and \
+            not torch.compiler.is_compiling()
+
+    def __call__(self, x, a, b, res_idx, res_val, bias):
+        from .triton_kernel import kron_fused
+
+        lead = x.shape[:-1]
+        y = kron_fused(x, a, b)
+        return add_residual_and_bias(y.reshape(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]),
+                                     res_idx, res_val, bias).reshape(*lead, -1)
+
+
 @layerzip.hookimpl
 def register_approximators(register):
     register(Kronecker())
@@ -27,3 +69,4 @@ def register_approximators(register):
 @layerzip.hookimpl
 def register_backends(register):
     register(TorchKronBackend())
+    register(TritonKronBackend())
