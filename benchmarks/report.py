@@ -71,6 +71,21 @@ def plots(rows: list[dict], stem: Path) -> list[Path]:
         path = stem.with_name(stem.name + "_speedup_vs_rank.png")
         fig.savefig(path, dpi=110)
         made.append(path)
+    timed = [r for r in rows if r.get("kernel_rel_error") and r.get("speedup")]
+    if timed:  # what each backend trades: speed against its error vs the float64 reference
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for backend in sorted({r["backend"] for r in timed}):
+            pts = [(r["speedup"], r["kernel_rel_error"]) for r in timed if r["backend"] == backend]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=backend)
+        ax.axvline(1.0, color="k", ls="--", lw=1)
+        ax.set(xscale="log", yscale="log", xlabel="speedup vs dense (same process)",
+               ylabel="relative error vs float64 reference", title="speed / accuracy by backend")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = stem.with_name(stem.name + "_tradeoff.png")
+        fig.savefig(path, dpi=110)
+        made.append(path)
     return made
 
 
