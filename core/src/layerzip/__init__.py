@@ -23,7 +23,7 @@ from .approximator import (
     LayerStats,
     Params,
 )
-from .backends import Backend
+from .backends import Backend, TritonKernelBackend, triton_interpreted
 from .calibration import call_model, collect_stats
 from .checkpoint import load, read_manifest, save
 from .errors import CheckpointError, CompressionError, LayerzipError, PluginError, SpecError
@@ -44,7 +44,7 @@ from .views import DenseWeightView, WeightView
 from .walker import compress
 
 __all__ = [
-    "Approximator", "ApproxModule", "Backend", "CheckpointError", "CompressionError",
+    "Approximator", "ApproxModule", "Backend", "TritonKernelBackend", "triton_interpreted", "CheckpointError", "CompressionError",
     "Conv1DAdapter", "DenseWeightView", "Estimate", "FitContext", "LayerAdapter", "LayerRow",
     "LayerStats", "LayerzipError", "LinearAdapter", "Params", "PivotStrategy", "Plan",
     "PlannedLayer", "PluginError", "Registry", "Report", "Rule", "Spec", "SpecError",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 
@@ -30,3 +33,37 @@ class Backend:
 
     def __call__(self, *args, **kwargs):
         raise NotImplementedError
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class TritonKernelBackend(Backend):
+    """Base for backends whose kernel is written in Triton.
+
+    Available with triton and a CUDA GPU, or on the CPU through ``TRITON_INTERPRET=1`` — there
+    for tests only, so its priority drops below every real backend and ``auto`` never picks it.
+    Inference only: inputs that need gradients are declined (the module falls back to the op's
+    differentiable reference), and so are inputs seen while torch.compile traces."""
+
+    #: priority on a CUDA machine (set negative to make the kernel opt-in)
+    gpu_priority: ClassVar[int] = 10
+
+    @property
+    def priority(self) -> int:  # type: ignore[override]
+        return self.gpu_priority if torch.cuda.is_available() else -20
+
+    def available(self) -> tuple[bool, str]:
+        if importlib.util.find_spec("triton") is None:
+            return False, "triton is not installed (pip install triton)"
+        if not (torch.cuda.is_available() or triton_interpreted()):
+            return False, "needs a CUDA GPU (or TRITON_INTERPRET=1 to run on the CPU, slowly)"
+        return True, ""
+
+    def supports(self, x: Tensor) -> bool:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return False
+        on_device = x.device.type == "cuda" or (triton_interpreted() and x.device.type == "cpu")
+        return on_device and not torch.compiler.is_compiling()

@@ -1,19 +1,13 @@
 """The fused Kronecker Triton kernel against the plain-torch reference (CPU: interpreter)."""
 
-import os
-
 import pytest
 import torch
 
 from layerzip_kronecker.module import kron_matmul_reference
 from layerzip_kronecker.plugin import TritonKronBackend
+from layerzip.testing import triton_test_device
 
-pytest.importorskip("triton")
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1 (scripts/test.sh sets it)",
-                allow_module_level=True)
-DEVICE = "cuda" if ON_GPU else "cpu"
+DEVICE = triton_test_device()
 
 
 @pytest.mark.parametrize("t,f1,f2,r,frac,bias", [

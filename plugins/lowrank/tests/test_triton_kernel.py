@@ -1,19 +1,14 @@
 """The fused Triton kernel against the plain-torch reference. On CPU this runs through Triton's
 interpreter (scripts/test.sh sets TRITON_INTERPRET=1); on a GPU it runs the compiled kernel."""
 
-import os
-
 import pytest
 import torch
 
 from layerzip_lowrank.backends import TritonBackend, lowrank_matmul_reference
+from layerzip.testing import triton_test_device
 
-triton = pytest.importorskip("triton")
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1 (scripts/test.sh sets it)",
-                allow_module_level=True)
-DEVICE = "cuda" if ON_GPU else "cpu"
+DEVICE = triton_test_device()
+ON_GPU = DEVICE == "cuda"
 
 
 @pytest.mark.parametrize("t,n,m,r,bias", [

@@ -32,7 +32,24 @@ from ..plugins import get_registry
 from ..walker import compress
 
 __all__ = ["ApproximatorConformance", "SingleLayer", "decaying_weight", "registered_plugin",
-           "calibration_batches"]
+           "calibration_batches", "triton_test_device"]
+
+
+def triton_test_device() -> str:
+    """Where a plugin's Triton-kernel tests run: 'cuda' on a GPU, 'cpu' through Triton's
+    interpreter (TRITON_INTERPRET=1, as scripts/test.sh sets); otherwise the calling test
+    module is skipped with the reason. Call it at module level."""
+    import pytest
+
+    from ..backends import triton_interpreted
+
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return "cuda"
+    if triton_interpreted():
+        return "cpu"
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1 (scripts/test.sh sets it)",
+                allow_module_level=True)
 
 
 @contextmanager

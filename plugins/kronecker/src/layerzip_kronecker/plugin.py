@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-
-import torch
-
 import layerzip
-from layerzip import Backend
+from layerzip import Backend, TritonKernelBackend
 
 from .method import Kronecker
 from .module import OP, add_residual_and_bias, kron_matmul_reference
@@ -23,34 +19,15 @@ class TorchKronBackend(Backend):
         return kron_matmul_reference(x, a, b, res_idx, res_val, bias)
 
 
-class TritonKronBackend(Backend):
-    """The fused Triton vec-trick kernel (triton_kernel.py); residual and bias added after.
-    Inference only: inputs that need gradients fall back to the reference."""
+class TritonKronBackend(TritonKernelBackend):
+    """The fused Triton vec-trick kernel (triton_kernel.py); residual and bias added after."""
 
     op = OP
     name = "triton"
-    description = "fused Triton kernel: X_t read once, Σ Aₖ X_t Bₖᵀ on tensor cores, Y_t written once"
-
     # Opt-in (backend: triton): measured on the H100 it is 3× faster than torch at r=4 but slower
     # at r=1 (benchmarks/results/kronecker_gpu.md), so 'auto' keeps the reference.
-    priority = -10
-
-    def available(self):
-        if importlib.util.find_spec("triton") is None:
-            return False, "triton is not installed (pip install triton)"
-        from .triton_kernel import INTERPRET
-
-        if not (torch.cuda.is_available() or INTERPRET):
-            return False, "needs a CUDA GPU (or TRITON_INTERPRET=1 to run on the CPU, slowly)"
-        return True, ""
-
-    def supports(self, x):
-        from .triton_kernel import INTERPRET
-
-        if torch.is_grad_enabled() and x.requires_grad:
-            return False
-        return (x.device.type == "cuda" or (INTERPRET and x.device.type == "cpu")) and \
-            not torch.compiler.is_compiling()
+    gpu_priority = -10
+    description = "fused Triton kernel: X_t read once, Σ Aₖ X_t Bₖᵀ on tensor cores, Y_t written once"
 
     def __call__(self, x, a, b, res_idx, res_val, bias):
         from .triton_kernel import kron_fused

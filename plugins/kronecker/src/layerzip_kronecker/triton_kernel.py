@@ -12,7 +12,6 @@ measured slower at r=1 (1.92× vs 2.38× of dense) and equal at r=4 on the H100
 
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -22,7 +21,9 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from layerzip import triton_interpreted
+
+INTERPRET = triton_interpreted()
 
 
 def _configs():

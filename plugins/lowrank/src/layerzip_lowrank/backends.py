@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from layerzip import Backend
+from layerzip import Backend, TritonKernelBackend
 
 OP = "lowrank_matmul"
 
@@ -196,35 +196,16 @@ class TensorRTBackend(Backend):
         return self._compiled(x, u, v, bias)
 
 
-class TritonBackend(Backend):
+class TritonBackend(TritonKernelBackend):
     """One fused Triton kernel for both GEMMs and the bias (see triton_kernel.py)."""
 
     op = OP
     name = "triton"
+    gpu_priority = 10
     description = "fused two-GEMM Triton kernel, T×r intermediate kept in L2; inference only"
 
-    @property
-    def priority(self):
-        # Under TRITON_INTERPRET on a CPU the kernel runs for tests only: 'auto' must not pick it.
-        return 10 if torch.cuda.is_available() else -20
-
-    def available(self):
-        if importlib.util.find_spec("triton") is None:
-            return False, "triton is not installed (pip install triton)"
-        from .triton_kernel import INTERPRET
-
-        if not (torch.cuda.is_available() or INTERPRET):
-            return False, "needs a CUDA GPU (or TRITON_INTERPRET=1 to run on the CPU, slowly)"
-        return True, ""
-
     def supports(self, x):
-        from .triton_kernel import INTERPRET
-
-        if torch.is_grad_enabled() and x.requires_grad:
-            return False
-        return (x.device.type == "cuda" or (INTERPRET and x.device.type == "cpu")) and \
-            x.dtype in (torch.float16, torch.bfloat16, torch.float32) and \
-            not torch.compiler.is_compiling()
+        return super().supports(x) and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
     def __call__(self, x, u, v, bias):
         from .triton_kernel import lowrank_fused

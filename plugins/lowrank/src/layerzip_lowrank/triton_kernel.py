@@ -23,7 +23,9 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from layerzip import triton_interpreted
+
+INTERPRET = triton_interpreted()
 
 
 def _configs():
