@@ -4,13 +4,11 @@ pyproject's testpaths leave it out). `--benchmark-disable` runs each case once a
 import pytest
 import torch
 
-from layerzip.bench import machine_info
+from layerzip import bench
 
 
-def pytest_benchmark_update_machine_info(config, machine_info):  # noqa: F811 (hook name)
-    from layerzip.bench import machine_info as info
-
-    machine_info["layerzip"] = info()
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["layerzip"] = bench.machine_info()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -19,5 +17,3 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
 
-
-__all__ = ["machine_info"]

@@ -16,8 +16,6 @@ import copy
 import json
 from pathlib import Path
 
-import torch
-
 import layerzip
 from layerzip.evaluate import perplexity
 from layerzip.models import default_text, load_model, text_windows

@@ -38,6 +38,15 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _finish(fig, axes, path: Path) -> Path:
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def plots(rows: list[dict], stem: Path) -> list[Path]:
     import matplotlib
 
@@ -64,13 +73,7 @@ def plots(rows: list[dict], stem: Path) -> list[Path]:
                     title=f"T={prefill[0]['T']}, bf16")
         axes[1].set(xscale="log", xlabel="rank", ylabel="achieved / FLOP-ratio speedup",
                     title="efficiency")
-        for ax in axes:
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = stem.with_name(stem.name + "_speedup_vs_rank.png")
-        fig.savefig(path, dpi=110)
-        made.append(path)
+        made.append(_finish(fig, axes, stem.with_name(stem.name + "_speedup_vs_rank.png")))
     timed = [r for r in rows if r.get("kernel_rel_error") and r.get("speedup")]
     if timed:  # what each backend trades: speed against its error vs the float64 reference
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -80,12 +83,7 @@ def plots(rows: list[dict], stem: Path) -> list[Path]:
         ax.axvline(1.0, color="k", ls="--", lw=1)
         ax.set(xscale="log", yscale="log", xlabel="speedup vs dense (same process)",
                ylabel="relative error vs float64 reference", title="speed / accuracy by backend")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = stem.with_name(stem.name + "_tradeoff.png")
-        fig.savefig(path, dpi=110)
-        made.append(path)
+        made.append(_finish(fig, [ax], stem.with_name(stem.name + "_tradeoff.png")))
     return made
 
 

@@ -49,7 +49,7 @@ def test_kron_forward(benchmark, case, backend):
         out = be(x, a, b, idx, val, None).double()
         pedantic(benchmark, lambda: be(x, a, b, idx, val, None), rounds=10)
     m, n = w.shape
-    (m1, n1), (m2, n2) = f1, f2
+    (m1, n1), (m2, _) = f1, f2
     flops = r * 2 * t * (n * m2 + m1 * n1 * m2) + 2 * t * idx.numel()
     benchmark.extra_info.update({
         "T": t, "n": n, "m": m, "r": r, "residual_fraction": frac, "backend": backend,
