@@ -115,3 +115,22 @@ def test_save_is_atomic_on_failure(toy, tmp_path, monkeypatch):
         layerzip.save(model, tmp_path)
     assert (tmp_path / "model.safetensors").read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["layerzip.json", "model.safetensors"]
+
+
+def test_record_round_trip_and_tamper_detection(tmp_path):
+    from layerzip import CheckpointError, load_record, save_record
+
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "step": torch.tensor(3)}
+    save_record(tmp_path / "run" / "state", tensors, {"epoch": 2, "lr": 0.1})
+    got, meta = load_record(tmp_path / "run" / "state")
+    assert meta["epoch"] == 2 and meta["lr"] == 0.1 and len(meta["tensors_sha256"]) == 64
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+    # a newer tensor file next to an older JSON (a torn pair) is caught
+    save_record(tmp_path / "other", {"a": torch.ones(2)}, {})
+    (tmp_path / "run" / "state.safetensors").write_bytes(
+        (tmp_path / "other.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="does not match the SHA-256"):
+        load_record(tmp_path / "run" / "state")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_record(tmp_path / "missing")

@@ -25,7 +25,7 @@ from .approximator import (
 )
 from .backends import Backend, TritonKernelBackend, triton_interpreted
 from .calibration import call_model, collect_stats
-from .checkpoint import load, read_manifest, save
+from .checkpoint import load, load_record, read_manifest, save, save_record, write_atomic
 from .errors import CheckpointError, CompressionError, LayerzipError, PluginError, SpecError
 from .hookspecs import hookimpl
 from .pivots import PivotStrategy
@@ -50,5 +50,6 @@ __all__ = [
     "PlannedLayer", "PluginError", "Registry", "Report", "Rule", "Spec", "SpecError",
     "WeightView", "__version__", "call_model", "collect_stats", "compress", "get_approximator",
     "get_backend", "get_pivot_strategy", "get_registry", "hookimpl", "json_schema", "load",
-    "plan", "read_manifest", "reset_registry", "save", "validate_params",
+    "load_record", "plan", "read_manifest", "reset_registry", "save", "save_record",
+    "validate_params", "write_atomic",
 ]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from . import __version__
@@ -152,6 +152,58 @@ def load(model: nn.Module, directory: str | os.PathLike, *, verify: bool = True,
         _record_layer(model, name, entry.get("adapter"), entry.get("layer_type"))
     model.__dict__[STATE_ATTR]["specs"] = list(manifest.get("specs", []))
     return model
+
+
+def save_record(prefix: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                metadata: dict) -> tuple[Path, Path]:
+    """Write ``{prefix}.safetensors`` and then ``{prefix}.json`` (``metadata`` plus the tensor
+    file's SHA-256), each to a temporary name and renamed into place: a process killed at any
+    moment leaves either the previous record or the new one, and a mismatched pair is caught by
+    :func:`load_record`. For plugins that keep their own checkpoints (training state, …)."""
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    tensor_path, meta_path = Path(f"{prefix}.safetensors"), Path(f"{prefix}.json")
+    tmp = _atomic_target(tensor_path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = _sha256(tmp)
+        os.replace(tmp, tensor_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_atomic(meta_path, json.dumps({**metadata, "tensors_sha256": digest}, indent=2) + "\n")
+    return tensor_path, meta_path
+
+
+def load_record(prefix: str | os.PathLike, device: str | torch.device = "cpu"
+                ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a record written by :func:`save_record`; CheckpointError when a file is missing,
+    unreadable, or the tensors do not match the hash in the JSON."""
+    prefix = Path(prefix)
+    tensor_path, meta_path = Path(f"{prefix}.safetensors"), Path(f"{prefix}.json")
+    for path in (tensor_path, meta_path):
+        if not path.is_file():
+            raise CheckpointError(f"{str(path)!r} does not exist (a record is "
+                                  f"{prefix.name}.safetensors + {prefix.name}.json)")
+    try:
+        metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{str(meta_path)!r} is not valid JSON ({exc})") from None
+    if metadata.get("tensors_sha256") != _sha256(tensor_path):
+        raise CheckpointError(f"{str(tensor_path)!r} does not match the SHA-256 recorded in "
+                              f"{str(meta_path)!r}: the record is torn or was altered")
+    try:
+        tensors = load_file(str(tensor_path), device=str(device))
+    except SafetensorError as exc:
+        raise CheckpointError(f"{str(tensor_path)!r} is not a readable safetensors file: "
+                              f"{exc}") from None
+    return tensors, metadata
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write text to ``path`` through a temporary file in the same directory and a rename."""
+    _write_atomic(Path(path), text)
 
 
 def _atomic_target(path: Path) -> Path:
