@@ -118,3 +118,22 @@ def test_backend_resolution(toy):
         reg.backend("toy_matmul", "fast")
     with pytest.raises(layerzip.SpecError, match="no available backend for op 'nope'"):
         reg.backend("nope")
+
+
+def test_accepts_declines_calls_needing_gradients_for_non_differentiable_kernels():
+    import torch
+
+    class Raw(layerzip.Backend):
+        op, name, differentiable = "x", "raw", False
+
+    class Wrapped(Raw):
+        differentiable = True
+
+    w = torch.zeros(2, requires_grad=True)
+    x = torch.zeros(2)
+    assert not Raw().accepts(x, w), "a weight needing a gradient must force the reference"
+    assert not Raw().accepts(x.requires_grad_(), None)
+    assert Raw().accepts(torch.zeros(2), w.detach(), None)
+    with torch.no_grad():
+        assert Raw().accepts(x, w)
+    assert Wrapped().accepts(x, w)

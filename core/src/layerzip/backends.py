@@ -21,6 +21,9 @@ class Backend:
     #: True for the op's plain reference kernel: what modules fall back to for inputs their
     #: chosen backend declines, and what kernels are tested against.
     reference: ClassVar[bool] = False
+    #: False for kernels autograd cannot see through (a raw Triton/CUDA launch, fp8 casts):
+    #: :meth:`accepts` then declines calls that would need gradients.
+    differentiable: ClassVar[bool] = True
 
     def available(self) -> tuple[bool, str]:
         """(True, "") when usable on this machine, else (False, why — e.g. what to install)."""
@@ -30,6 +33,16 @@ class Backend:
         """Whether this kernel handles this input (device, dtype, shape). A module whose backend
         declines an input falls back to the op's reference backend."""
         return True
+
+    def accepts(self, x: Tensor, *params: Tensor | None) -> bool:
+        """What a module asks before calling the kernel: :meth:`supports` ``x``, and, when
+        autograd is recording and ``x`` or any of ``params`` (the module's weights) needs a
+        gradient, the kernel is :attr:`differentiable`. Otherwise the module uses the op's
+        reference — so a non-differentiable kernel never silently drops a weight's gradient."""
+        if not self.differentiable and torch.is_grad_enabled() and (
+                x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+            return False
+        return self.supports(x)
 
     def __call__(self, *args, **kwargs):
         raise NotImplementedError
@@ -45,8 +58,12 @@ class TritonKernelBackend(Backend):
 
     Available with triton and a CUDA GPU, or on the CPU through ``TRITON_INTERPRET=1`` — there
     for tests only, so its priority drops below every real backend and ``auto`` never picks it.
-    Inference only: inputs that need gradients are declined (the module falls back to the op's
-    differentiable reference), and so are inputs seen while torch.compile traces."""
+    Inference only unless a subclass wraps its kernel in an autograd.Function and sets
+    ``differentiable = True``: calls that need gradients are declined by :meth:`accepts` (the
+    module falls back to the op's differentiable reference), and so are inputs seen while
+    torch.compile traces."""
+
+    differentiable: ClassVar[bool] = False
 
     #: priority on a CUDA machine (set negative to make the kernel opt-in)
     gpu_priority: ClassVar[int] = 10
@@ -63,7 +80,5 @@ class TritonKernelBackend(Backend):
         return True, ""
 
     def supports(self, x: Tensor) -> bool:
-        if torch.is_grad_enabled() and x.requires_grad:
-            return False
         on_device = x.device.type == "cuda" or (triton_interpreted() and x.device.type == "cpu")
         return on_device and not torch.compiler.is_compiling()

@@ -84,6 +84,9 @@ def test_module_uses_triton_for_inference_and_reference_for_training():
     x.requires_grad_(True)
     m(x).sum().backward()  # falls back to the differentiable reference
     assert m.u.grad is not None and x.grad is not None
+    m.u.grad = None
+    m(torch.randn(3, 10, device=DEVICE)).sum().backward()  # only the weights need gradients
+    assert m.u.grad is not None and torch.isfinite(m.u.grad).all()
 
 
 def test_auto_never_picks_the_interpreter():

@@ -70,7 +70,8 @@ class KroneckerLinear(ApproxModule):
         self._reference = layerzip.get_registry().reference_backend(OP)
 
     def forward(self, x):
-        kernel = self._kernel if self._kernel.supports(x) else self._reference
+        kernel = self._kernel if self._kernel.accepts(x, self.a, self.b, self.res_val, self.bias) \
+            else self._reference
         return kernel(x, self.a, self.b, self.res_idx, self.res_val, self.bias)
 
     @torch.no_grad()

@@ -50,7 +50,7 @@ class KSChainLinear(ApproxModule):
         x2 = x.reshape(-1, x.shape[-1])
         if self.in_padded > self.in_features:
             x2 = F.pad(x2, (0, self.in_padded - self.in_features))
-        kernel = self._kernel if self._kernel.supports(x2) else self._reference
+        kernel = self._kernel if self._kernel.accepts(x2, *self.factors) else self._reference
         y = kernel(x2, list(self.factors), self.patterns, False)
         if self.out_padded > self.out_features:
             y = y[:, : self.out_features]

@@ -96,6 +96,7 @@ class FP8Backend(Backend):
     op = OP
     name = "fp8"
     priority = 20
+    differentiable = False
     description = "float8 e4m3 GEMMs with per-row scales (CUDA cc ≥ 8.9), inference only"
 
     def available(self):
@@ -103,8 +104,6 @@ class FP8Backend(Backend):
 
     def supports(self, x):
         if x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16):
-            return False
-        if torch.is_grad_enabled() and x.requires_grad:
             return False
         return x.shape[-1] % 16 == 0
 
@@ -174,6 +173,7 @@ class TensorRTBackend(Backend):
     op = OP
     name = "tensorrt"
     priority = 15
+    differentiable = False
     description = "torch.compile(backend='tensorrt') of the forward (needs torch_tensorrt)"
 
     def available(self):
@@ -221,6 +221,7 @@ class MeasuredBackend(Backend):
     op = OP
     name = "autotune"
     priority = 30
+    differentiable = False  # its pick may be a non-differentiable kernel
     description = "measure the available backends once per shape on the GPU, use the fastest"
 
     def __init__(self):

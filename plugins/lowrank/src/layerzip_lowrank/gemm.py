@@ -131,7 +131,7 @@ class LowRankGEMM(nn.Module):
         self.last_rank = p.shape[-1]
         if p.dim() == 2:  # the op computes x v uᵀ with v = p (K×r), u = q (N×r)
             kernel = self._backend(a.device)
-            if not kernel.supports(a):
+            if not kernel.accepts(a, p, q):
                 kernel = layerzip.get_registry().reference_backend(OP)
             return kernel(a, q, p, None)
         return (a @ p) @ q.mT

@@ -34,7 +34,8 @@ class LowRankLinear(ApproxModule):
         self._reference = layerzip.get_registry().reference_backend(OP)
 
     def forward(self, x):
-        kernel = self._kernel if self._kernel.supports(x) else self._reference
+        kernel = self._kernel if self._kernel.accepts(x, self.u, self.v, self.bias) \
+            else self._reference
         return kernel(x, self.u, self.v, self.bias)
 
     @torch.no_grad()
