@@ -1,0 +1,155 @@
+"""Tables and plots from a test_kschain_speed.py run (pytest-benchmark JSON).
+
+    python benchmarks/kschain_report.py benchmarks/results/kschain_gpu.json \
+        --out benchmarks/results/kschain_gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+
+def load(path: str) -> tuple[list[dict], dict]:
+    data = json.loads(Path(path).read_text())
+    rows = [b["extra_info"] for b in data["benchmarks"] if b.get("extra_info", {}).get("kind")]
+    return rows, data.get("machine_info", {})
+
+
+def _pat(r):
+    return "({},{},{},{})".format(*r["pattern"])
+
+
+def summary(rows: list[dict]) -> list[str]:
+    out = ["## Targets (issue #8) against this run", ""]
+    fwd = [r for r in rows if r["kind"] == "factor_forward"]
+    b16 = [r for r in fwd if r["b"] >= 16]
+    for impl in ("triton", "triton_bs_last"):
+        sel = [r for r in b16 if r["impl"] == impl]
+        if not sel:
+            continue
+        med = statistics.median(r["speedup_vs_bmm"] for r in sel)
+        low = [r for r in sel if r["density"] <= 1 / 16]
+        med_d = statistics.median(r["speedup_vs_dense"] for r in low) if low else float("nan")
+        out.append(f"- forward, {impl}: median {med:.2f}× over bmm (target ≥ 1.4×: "
+                   f"{'met' if med >= 1.4 else 'MISSED'}); median {med_d:.2f}× over dense at "
+                   f"density ≤ 1/16 (target ≥ 2×: {'met' if med_d >= 2 else 'MISSED'})")
+    bwd = [r for r in rows if r["kind"] == "factor_fwd_bwd"]
+    for impl in ("triton", "triton_bs_last"):
+        sel = [r for r in bwd if r["impl"] == impl]
+        if sel:
+            med = statistics.median(r["speedup_vs_bmm"] for r in sel)
+            out.append(f"- forward + backward, {impl}: median {med:.2f}× over bmm (target ≥ "
+                       f"1.2×: {'met' if med >= 1.2 else 'MISSED'})")
+    chain = [r for r in rows if r["kind"] == "monarch_chain"]
+    for impl in sorted({r["impl"] for r in chain}):
+        sel = sorted((r for r in chain if r["impl"] == impl), key=lambda r: r["rank"])
+        faster = [r["rank"] for r in sel if r["speedup_vs_dense"] > 1]
+        out.append(f"- Monarch 4096² chain, {impl}: faster than dense up to rank "
+                   f"{max(faster) if faster else 'none'} "
+                   f"({', '.join(f'r{r['rank']} {r['speedup_vs_dense']:.2f}×' for r in sel)})")
+    return out + [""]
+
+
+def tables(rows: list[dict]) -> list[str]:
+    out = []
+    fwd = [r for r in rows if r["kind"] == "factor_forward"]
+    if fwd:
+        out += ["## Per factor, forward (bf16, T = 8192)", "",
+                "| pattern (a,b,c,d) | N | density | dense ms | bmm ms | "
+                + " | ".join(f"{i} ×dense / ×bmm" for i in ("bmm_bs_last", "triton",
+                                                            "triton_bs_last"))
+                + " | triton err |", "|---|---|---|---|---|---|---|---|---|"]
+        by = {}
+        for r in fwd:
+            by.setdefault(_pat(r), {})[r["impl"]] = r
+        for pat, impls in by.items():
+            r0 = next(iter(impls.values()))
+            cells = []
+            for i in ("bmm_bs_last", "triton", "triton_bs_last"):
+                r = impls.get(i)
+                cells.append(f"{r['speedup_vs_dense']:.2f} / {r['speedup_vs_bmm']:.2f}"
+                             if r else "—")
+            err = impls.get("triton", {}).get("kernel_rel_error", float("nan"))
+            out.append(f"| {pat} | {r0['N']} | 1/{round(1 / r0['density'])} | "
+                       f"{r0['dense_ms']:.3f} | {r0['bmm_ms']:.3f} | " + " | ".join(cells)
+                       + f" | {err:.1e} |")
+        out.append("")
+    bwd = [r for r in rows if r["kind"] == "factor_fwd_bwd"]
+    if bwd:
+        out += ["## Per factor, forward + backward (bf16, T = 8192)", "",
+                "| pattern | impl | dense ms | bmm ms | kernel ms | ×dense | ×bmm | dX err | dW err |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in bwd:
+            out.append(f"| {_pat(r)} | {r['impl']} | {r['dense_ms']:.3f} | {r['bmm_ms']:.3f} | "
+                       f"{r['kernel_ms']:.3f} | {r['speedup_vs_dense']:.2f} | "
+                       f"{r['speedup_vs_bmm']:.2f} | {r['grad_x_rel_error']:.1e} | "
+                       f"{r['grad_w_rel_error']:.1e} |")
+        out.append("")
+    chain = [r for r in rows if r["kind"] == "monarch_chain"]
+    if chain:
+        out += ["## Monarch-like chain (1,64r,64,64)(64,64,64r,1), 4096×4096, T = 8192", "",
+                "| rank | params (% of dense) | impl | dense ms | chain ms | ×dense | err |",
+                "|---|---|---|---|---|---|---|"]
+        for r in sorted(chain, key=lambda r: (r["rank"], r["impl"])):
+            out.append(f"| {r['rank']} | {100 * r['param_fraction']:.1f}% | {r['impl']} | "
+                       f"{r['dense_ms']:.3f} | {r['kernel_ms']:.3f} | "
+                       f"{r['speedup_vs_dense']:.2f} | {r['kernel_rel_error']:.1e} |")
+        out.append("")
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fwd = [r for r in rows if r["kind"] == "factor_forward" and r["b"] >= 16]
+    bs = sorted({r["b"] for r in fwd})
+    if not bs:
+        return
+    fig, axes = plt.subplots(1, len(bs), figsize=(5 * len(bs), 4), squeeze=False)
+    for ax, b in zip(axes[0], bs):
+        for impl in ("bmm", "bmm_bs_last", "triton", "triton_bs_last"):
+            sel = [r for r in fwd if r["b"] == b and r["impl"] == impl]
+            if not sel:
+                continue
+            by_density: dict = {}
+            for r in sel:
+                by_density.setdefault(r["density"], []).append(r["speedup_vs_dense"])
+            xs = sorted(by_density)
+            ax.plot(xs, [statistics.median(by_density[x]) for x in xs], marker="o", label=impl)
+        ax.axhline(1, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("density 1/(a·d)")
+        ax.set_title(f"b = c = {b} (median over a/d splits)")
+    axes[0][0].set_ylabel("speedup over dense (bf16, T=8192)")
+    axes[0][-1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("json")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    rows, machine = load(args.json)
+    gpu = machine.get("layerzip", {}).get("gpu") or machine.get("layerzip", {})
+    text = ["# KS-chain kernels on the GPU", "",
+            "Made by `SUITES=test_kschain_speed.py NAME=kschain_gpu bash "
+            "benchmarks/device_run.sh` on the lent GPU (machine: " + json.dumps(gpu) + ").", ""]
+    text += summary(rows) + tables(rows)
+    out = Path(args.out)
+    out.with_suffix(".md").write_text("\n".join(text) + "\n")
+    plot(rows, out.parent / (out.name + "_speedup_vs_density.png"))
+    print("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The Triton ks_matmul kernels against the bmm reference and dense(), forward and backward, both
+layouts (CPU through TRITON_INTERPRET=1 in CI; bf16 on the GPU only)."""
+
+import pytest
+import torch
+
+import layerzip
+from layerzip.testing import triton_test_device
+from layerzip_kschain import KSChainLinear, Pattern, chain_dense, chain_matmul_bmm, factor_dense, \
+    factor_matmul, rank_chain
+
+DEVICE = triton_test_device()
+ON_GPU = DEVICE == "cuda"
+from layerzip_kschain.triton_kernel import factor_forward, ks_chain_triton  # noqa: E402
+
+PATTERNS = [Pattern(2, 3, 5, 4), Pattern(1, 16, 32, 2), Pattern(4, 2, 2, 1), Pattern(2, 20, 24, 3),
+            Pattern(1, 17, 16, 1)]
+if ON_GPU:
+    PATTERNS += [Pattern(4, 64, 64, 16), Pattern(1, 256, 128, 8), Pattern(16, 128, 256, 1)]
+DTYPES = [torch.float32] + ([torch.bfloat16, torch.float16] if ON_GPU else [])
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
+
+
+def rel(a, b):
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch_last", [False, True], ids=["bs_first", "bs_last"])
+@pytest.mark.parametrize("p", PATTERNS, ids=str)
+def test_factor_forward_and_backward_match_the_reference(p, batch_last, dtype):
+    g = torch.Generator(device="cpu").manual_seed(hash((p.a, p.b, p.c, p.d)) % 1000)
+    t = 37 if not ON_GPU else 1000  # not a multiple of any tile
+    w = torch.randn(p.num_blocks, p.b, p.c, generator=g).to(DEVICE, dtype)
+    x = torch.randn(t, p.cols, generator=g).to(DEVICE, dtype)
+    gy = torch.randn(t, p.rows, generator=g).to(DEVICE, dtype)
+    if batch_last:
+        x, gy = x.t().contiguous(), gy.t().contiguous()
+    ref_w, ref_x = w.double().requires_grad_(), x.double().requires_grad_()
+    ref = factor_matmul(ref_x, ref_w, p, batch_last)
+    dense = factor_dense(ref_w.detach(), p)
+    assert rel(ref.detach(), dense @ ref_x.detach() if batch_last else
+               ref_x.detach() @ dense.t()) < 1e-12
+    ref.backward(gy.double())
+    kw, kx = w.clone().requires_grad_(), x.clone().requires_grad_()
+    poisoned = torch.full(ref.shape, float("nan"), device=DEVICE, dtype=dtype)
+    factor_forward(x, w, p, batch_last, out=poisoned)  # every element must be written
+    assert torch.isfinite(poisoned).all()
+    y = ks_chain_triton(kx, [kw], [p], batch_last)
+    assert rel(poisoned, y) == 0
+    assert rel(y, ref) < TOL[dtype]
+    y.backward(gy)
+    assert rel(kx.grad, ref_x.grad) < TOL[dtype]
+    assert rel(kw.grad, ref_w.grad) < TOL[dtype] * 2
+
+
+@pytest.mark.parametrize("batch_last", [False, True], ids=["bs_first", "bs_last"])
+def test_chain_and_module_with_the_triton_backend(batch_last):
+    pats = rank_chain([4, 6], [3, 5], 2)
+    g = torch.Generator().manual_seed(0)
+    fs = [torch.randn(p.num_blocks, p.b, p.c, generator=g).to(DEVICE) for p in pats]
+    x = torch.randn(9, pats[0].cols, generator=g).to(DEVICE)
+    xi = x.t().contiguous() if batch_last else x
+    got = ks_chain_triton(xi, fs, pats, batch_last)
+    torch.testing.assert_close(got, chain_matmul_bmm(xi, fs, pats, batch_last), rtol=1e-4,
+                               atol=1e-4)
+    ref = x @ chain_dense([f.double() for f in fs], pats).t().float()
+    torch.testing.assert_close(got.t() if batch_last else got, ref, rtol=1e-4, atol=1e-4)
+
+    m = KSChainLinear(24, 15, pats, backend="triton").to(DEVICE)
+    with torch.no_grad():
+        for p, f in zip(m.factors, fs):
+            p.copy_(f)
+    assert m.backend_name == "triton"
+    out = m(x)  # weights need gradients: the kernel is differentiable, so it still runs
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in m.factors]
+    m.zero_grad()
+    ref_m = KSChainLinear(24, 15, pats, backend="bmm").to(DEVICE)
+    ref_m.load_state_dict(m.state_dict())
+    ref_m(x).square().sum().backward()
+    for a, b in zip(grads, ref_m.factors):
+        torch.testing.assert_close(a, b.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_trains_with_the_triton_impl(tmp_path):
+    from layerzip_kschain.train import TrainConfig, train
+
+    path = tmp_path / "w.pt"
+    torch.save(torch.randn(24, 15), path)
+    common = dict(weight_path=str(path), rank=2, num_epochs=2, num_samples=128, batch_size=32,
+                  device=DEVICE, init="random", lr=1e-2)
+    a = train(TrainConfig(**common, impl="triton", output_dir=str(tmp_path / "t"), bs_last=True))
+    b = train(TrainConfig(**common, impl="bmm", output_dir=str(tmp_path / "b"), bs_last=True))
+    assert a.history[-1]["val_loss"] < a.history[0]["val_loss"]
+    assert a.history[-1]["val_loss"] == pytest.approx(b.history[-1]["val_loss"], rel=1e-3)
+
+
+def test_auto_keeps_bmm_unless_on_a_gpu():
+    if not ON_GPU:
+        assert layerzip.get_backend("ks_matmul").name == "bmm"
