@@ -27,14 +27,32 @@ def _splits(ad):
     return out
 
 
-FACTORS = [Pattern(a, b, b, d) for b in (16, 64, 256) for ad in (2, 16, 64)
+FACTORS = [Pattern(a, b, b, d) for b in (16, 32, 64, 128, 256) for ad in (2, 4, 16, 64)
            for a, d in _splits(ad)] + [Pattern(512, 2, 2, 4)]  # a dyadic butterfly factor
 BACKWARD = [Pattern(a, b, b, d) for b in (64, 256) for a, d in _splits(16)]
 IMPLS = ["bmm", "bmm_bs_last", "triton", "triton_bs_last"]
+# batch-first with the strided 2-D kernel instead of the 3-D one (for d ≥ MIN_D_3D)
+FWD_IMPLS = IMPLS + ["triton_2d"]
+
+
+def graph_time(fn, rounds=20):
+    """Median time of fn replayed from a CUDA graph: the GPU's time without launch overhead
+    (Triton's Python launcher costs tens of µs, which dominates small layers in eager mode)."""
+    fn()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_callable(graph.replay, rounds=rounds, warmup=3)
 
 
 def _impl(name):
-    be = layerzip.get_backend("ks_matmul", name.removesuffix("_bs_last"))
+    be = layerzip.get_backend("ks_matmul", name.removesuffix("_bs_last").removesuffix("_2d"))
     return be, name.endswith("_bs_last")
 
 
@@ -52,19 +70,30 @@ def _pid(p):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", FWD_IMPLS)
 @pytest.mark.parametrize("p", FACTORS, ids=_pid)
-def test_ks_factor_forward(benchmark, p, impl):
+def test_ks_factor_forward(benchmark, p, impl, monkeypatch):
+    from layerzip_kschain import triton_kernel
+
+    if impl == "triton_2d":
+        if p.d < triton_kernel.MIN_D_3D:
+            pytest.skip("the 2-D kernel is what 'triton' runs for this d already")
+        monkeypatch.setattr(triton_kernel, "MIN_D_3D", 1 << 30)
     w, x, dense_w = _inputs(p)
     be, batch_last = _impl(impl)
     xi = x.t().contiguous() if batch_last else x
     fn = (lambda: be(xi, [w], [p], True)) if batch_last else (lambda: be(xi, [w], [p], False))
+    bmm_fn = (lambda: factor_matmul(xi, w, p, True)) if batch_last else \
+        (lambda: factor_matmul(x, w, p, False))
     with torch.no_grad():
         out = fn()  # autotune outside the timing
         ref = factor_matmul(xi.double(), w.double(), p, batch_last)
         dense = time_callable(lambda: x @ dense_w.t(), rounds=20, warmup=5)
         bmm_first = time_callable(lambda: factor_matmul(x, w, p, False), rounds=20, warmup=5)
         kern = time_callable(fn, rounds=20, warmup=5)
+        g_dense = graph_time(lambda: x @ dense_w.t())
+        g_bmm = graph_time(bmm_fn)  # bmm in the same layout
+        g_kern = graph_time(fn)
         pedantic(benchmark, fn, rounds=5)
     benchmark.extra_info.update({
         "kind": "factor_forward", "pattern": p.as_list(), "a": p.a, "b": p.b, "c": p.c, "d": p.d,
@@ -72,6 +101,10 @@ def test_ks_factor_forward(benchmark, p, impl):
         "bmm_ms": bmm_first.median * 1e3, "kernel_ms": kern.median * 1e3,
         "speedup_vs_dense": dense.median / kern.median,
         "speedup_vs_bmm": bmm_first.median / kern.median,
+        "graph_dense_ms": g_dense.median * 1e3, "graph_bmm_same_layout_ms": g_bmm.median * 1e3,
+        "graph_kernel_ms": g_kern.median * 1e3,
+        "graph_speedup_vs_dense": g_dense.median / g_kern.median,
+        "graph_speedup_vs_bmm_same_layout": g_bmm.median / g_kern.median,
         "tflops": 2 * T * p.nnz / kern.median / 1e12,
         "kernel_rel_error": float((out.double() - ref).norm() / ref.norm())})
 
@@ -136,12 +169,15 @@ def test_monarch_chain_4096(benchmark, rank, impl):
         ref = chain_matmul_bmm(xi.double(), [f.double() for f in fs], pats, batch_last)
         dense = time_callable(lambda: x @ dense_w.t(), rounds=20, warmup=5)
         kern = time_callable(fn, rounds=20, warmup=5)
+        g_dense = graph_time(lambda: x @ dense_w.t())
+        g_kern = graph_time(fn)
         pedantic(benchmark, fn, rounds=5)
     params = sum(p.nnz for p in pats)
     benchmark.extra_info.update({
         "kind": "monarch_chain", "rank": rank, "impl": impl, "T": T, "N": 4096,
         "param_fraction": params / 4096 ** 2, "dense_ms": dense.median * 1e3,
         "kernel_ms": kern.median * 1e3, "speedup_vs_dense": dense.median / kern.median,
+        "graph_speedup_vs_dense": g_dense.median / g_kern.median,
         "kernel_rel_error": float((out.double() - ref).norm() / ref.norm())})
 
 

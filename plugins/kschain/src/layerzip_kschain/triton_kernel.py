@@ -31,6 +31,8 @@ from layerzip import triton_interpreted
 from .patterns import Pattern
 
 INTERPRET = triton_interpreted()
+# batch-first factors with d ≥ this use the 3-D kernel (runs of δ loaded contiguously)
+MIN_D_3D = 4
 
 
 def _p2(n: int) -> int:
@@ -44,6 +46,15 @@ def _fwd_configs():
               (64, 128, 64, 8, 3), (256, 64, 32, 8, 3), (128, 16, 16, 4, 2), (64, 32, 16, 4, 3)]
     return [triton.Config({"BT": bt, "BB": bb, "BK": bk}, num_warps=w, num_stages=s)
             for bt, bb, bk, w, s in shapes]
+
+
+def _fwd3d_configs():
+    if INTERPRET:
+        return [triton.Config({"BT": 16, "BB": 16, "BK": 16, "BD": 2}, num_warps=1)]
+    shapes = [(64, 64, 32, 4, 4, 3), (32, 64, 64, 8, 4, 3), (64, 32, 32, 8, 4, 3),
+              (128, 64, 32, 2, 8, 3), (32, 128, 32, 4, 8, 3), (16, 16, 16, 16, 4, 2)]
+    return [triton.Config({"BT": bt, "BB": bb, "BK": bk, "BD": bd}, num_warps=w, num_stages=s)
+            for bt, bb, bk, bd, w, s in shapes]
 
 
 def _dw_configs():
@@ -105,6 +116,48 @@ if triton is not None:
         y_off = it[:, None].to(tl.int64) * sy_t + \
             ((alpha * B * D + delta) + ib[None, :] * D).to(tl.int64) * sy_f
         tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=ym)
+
+    @triton.autotune(configs=_fwd3d_configs(), key=["A", "B", "C", "D"],
+                     prune_configs_by={"early_config_prune": _prune({"BB": "B", "BK": "C"})})
+    @triton.jit(do_not_specialize=["T"])
+    def _ks_fwd_3d(x_ptr, w_ptr, y_ptr, T, A, B, C, D, sx_t, sy_t, sw_blk, sw_b, sw_c,
+                   PRECISION: tl.constexpr, BT: tl.constexpr, BB: tl.constexpr,
+                   BK: tl.constexpr, BD: tl.constexpr):
+        """Batch-first with d > 1: a program owns BD consecutive δ of one α, so each token's
+        loads are runs of BD contiguous elements (δ is the fastest axis in memory); the BD
+        block products are one batched (3-D) dot."""
+        g = tl.program_id(0)
+        tile = tl.program_id(1)
+        n_dt = tl.cdiv(D, BD)
+        alpha = g // n_dt
+        d0 = (g % n_dt) * BD
+        n_bt = tl.cdiv(B, BB)
+        t0 = (tile // n_bt) * BT
+        b0 = (tile % n_bt) * BB
+        it = t0 + tl.arange(0, BT)
+        ib = b0 + tl.arange(0, BB)
+        ik = tl.arange(0, BK)
+        idd = d0 + tl.arange(0, BD)
+        acc = tl.zeros((BD, BT, BB), dtype=tl.float32)
+        for k0 in range(0, C, BK):
+            kk = k0 + ik
+            # x[t, α, γ, δ] as (BT, BK, BD), δ contiguous
+            xp = x_ptr + it[:, None, None].to(tl.int64) * sx_t + \
+                (alpha * C * D + kk[None, :, None] * D + idd[None, None, :]).to(tl.int64)
+            xm = (it[:, None, None] < T) & (kk[None, :, None] < C) & (idd[None, None, :] < D)
+            x = tl.load(xp, mask=xm, other=0.0)
+            x = tl.permute(x, (2, 0, 1))                                     # (BD, BT, BK)
+            # Wᵀ of block α·D + δ: (BD, BK, BB)
+            wp = w_ptr + (alpha * D + idd[:, None, None]).to(tl.int64) * sw_blk + \
+                kk[None, :, None] * sw_c + ib[None, None, :] * sw_b
+            wm = (idd[:, None, None] < D) & (kk[None, :, None] < C) & (ib[None, None, :] < B)
+            w = tl.load(wp, mask=wm, other=0.0)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        out = tl.permute(acc, (1, 2, 0))                                     # (BT, BB, BD)
+        yp = y_ptr + it[:, None, None].to(tl.int64) * sy_t + \
+            (alpha * B * D + ib[None, :, None] * D + idd[None, None, :]).to(tl.int64)
+        ym = (it[:, None, None] < T) & (ib[None, :, None] < B) & (idd[None, None, :] < D)
+        tl.store(yp, out.to(y_ptr.dtype.element_ty), mask=ym)
 
     @triton.autotune(configs=_dw_configs(), key=["A", "B", "C", "D", "SPLIT", "X_TOKEN_MAJOR"],
                      prune_configs_by={"early_config_prune": _prune({"BB": "B", "BC": "C"})},
@@ -168,6 +221,15 @@ def factor_forward(x: torch.Tensor, w: torch.Tensor, p: Pattern, batch_last: boo
     assert tuple(y.shape) == shape, f"out has shape {tuple(y.shape)}, expected {shape}"
     sx_t, sx_f = _strides(x, batch_last)
     sy_t, sy_f = _strides(y, batch_last)
+
+    if not batch_last and d >= MIN_D_3D and x.stride(1) == 1 and y.stride(1) == 1:
+        def grid3(meta):
+            return (a * triton.cdiv(d, meta["BD"]),
+                    triton.cdiv(t, meta["BT"]) * triton.cdiv(b, meta["BB"]))
+
+        _ks_fwd_3d[grid3](x, w, y, t, a, b, c, d, x.stride(0), y.stride(0), sw_blk, sw_b, sw_c,
+                          PRECISION=_precision(x.dtype))
+        return y
 
     def grid(meta):
         return (a * d, triton.cdiv(t, meta["BT"]) * triton.cdiv(b, meta["BB"]))
