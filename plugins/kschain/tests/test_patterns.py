@@ -106,3 +106,12 @@ def test_chain_dense_is_the_product():
     fs = [torch.randn(p.num_blocks, p.b, p.c, generator=g) for p in pats]
     expected = explicit_factor(fs[1], pats[1]) @ explicit_factor(fs[0], pats[0])
     torch.testing.assert_close(chain_dense(fs, pats), expected)
+
+
+def test_fewest_params_divisors_rank_by_parameters_first():
+    balanced = best_chain(1536, 576, 2, 4)
+    fewest = best_chain(1536, 576, 2, 4, divisors="fewest_params")
+    assert fewest.params < balanced.params
+    assert min(fewest.bs + fewest.cs) == 2  # the degenerate choice this option exists to show
+    with pytest.raises(PatternError, match="divisors must be"):
+        best_chain(16, 16, 2, 1, divisors="smallest")

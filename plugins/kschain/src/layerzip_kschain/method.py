@@ -27,6 +27,9 @@ class KSChainParams(Params):
         "inner rank of the automatic chain (default 1)"))
     ratio: float | None = Field(default=None, ge=0, lt=1, description=(
         "fraction of the layer's parameters to remove: the largest rank within the rest"))
+    divisors: Literal["balanced", "fewest_params"] = Field(default="balanced", description=(
+        "how the automatic chain picks b_ℓ, c_ℓ: most balanced (b_ℓ ≈ m^{1/L}, Monarch), or "
+        "fewest parameters first (favours degenerate, nearly low-rank chains)"))
     init: Literal["closed_form", "random"] = Field(default="closed_form", description=(
         "'closed_form' = Monarch projection / hierarchical splitting; 'random' needs "
         "refine_steps"))
@@ -42,7 +45,8 @@ class KSChainParams(Params):
         if self.rank is not None and self.ratio is not None:
             raise ValueError("give 'rank' or 'ratio', not both")
         if self.patterns is not None:
-            given = [k for k in ("rank", "ratio") if getattr(self, k) is not None]
+            given = [k for k in ("rank", "ratio") if getattr(self, k) is not None] + \
+                (["divisors"] if "divisors" in self.model_fields_set else [])
             if given or "num_factors" in self.model_fields_set:
                 raise ValueError(f"'patterns' fixes the chain: drop "
                                  f"{given + (['num_factors'] if 'num_factors' in self.model_fields_set else [])}")
@@ -78,7 +82,7 @@ class KSChain(Approximator):
                     f"out_features")
             return ChainChoice(tuple(pats), pats[-1].rows, pats[0].cols,
                                sum(p.nnz for p in pats), (), ())
-        shape = best_chain(m, n, params.num_factors, 1)
+        shape = best_chain(m, n, params.num_factors, 1, divisors=params.divisors)
         if params.ratio is None:
             choice = shape.with_rank(params.rank or 1)
             cap = shape.max_useful_rank()

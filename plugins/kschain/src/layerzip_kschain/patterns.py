@@ -207,13 +207,16 @@ class ChainChoice:
 
 
 def best_chain(out_features: int, in_features: int, num_factors: int = 2, rank: int = 1,
-               max_params: int | None = None) -> ChainChoice:
+               max_params: int | None = None, divisors: str = "balanced") -> ChainChoice:
     """The rank-r chain of ``num_factors`` factors for an out×in weight: divisors b_ℓ, c_ℓ ≥ 2 as
     balanced as possible (b_ℓ ≈ m^{1/L}, the Monarch choice — fewest parameters alone would pick
     degenerate, nearly low-rank chains), fewest parameters among equally balanced ones. Padded
     sizes (next multiples of 2ᵏ, ≤ 12.5% larger) compete with a penalty, so a prime or
     badly-factoring size gets padded and a well-factoring one does not. With ``max_params``,
-    chains above it are skipped."""
+    chains above it are skipped. ``divisors="fewest_params"`` ranks by parameters first (then
+    balance): the literal "fewest parameters" rule, which favours b₁ = 2-style chains."""
+    if divisors not in ("balanced", "fewest_params"):
+        raise PatternError(f"divisors must be 'balanced' or 'fewest_params', got {divisors!r}")
     if num_factors < 1:
         raise PatternError(f"num_factors must be ≥ 1, got {num_factors}")
     best: tuple | None = None
@@ -233,7 +236,9 @@ def best_chain(out_features: int, in_features: int, num_factors: int = 2, rank: 
                         continue
                     spread = sum(abs(math.log(b) - math.log(m) / L) for b in bs) + \
                         sum(abs(math.log(c) - math.log(n) / L) for c in cs)
-                    key = (round(spread + pad_penalty, 9), params)
+                    balance = round(spread + pad_penalty, 9)
+                    key = (balance, params) if divisors == "balanced" else \
+                        (params + round(pad_penalty, 9), balance)
                     if best is None or key < best[0]:
                         best = (key, pats, m, n, bs, cs)
     if best is None:

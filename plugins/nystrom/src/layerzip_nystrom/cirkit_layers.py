@@ -1,0 +1,193 @@
+"""Nyström sum layers for cirkit squared circuits (libcirkit; import ``cirkit``).
+
+In a squared circuit every sum layer's weight is the symbolic ``KroneckerParameter(A, B)``
+(A = B = W for c·c̄): M = A ⊗ B of shape (K_o², K_i²). cirkit evaluates it exactly in O(K³)
+per fold (optimize=True) or by materializing M (optimize=False). ``NystromSumLayer`` keeps A
+and B (the same trainable tensors the exact layer would use) and evaluates M ≈ C U R with
+s pivot columns J and rows I chosen by a layerzip pivot strategy on a ``KroneckerWeightView``
+(columns, rows and scores come from the factors: M is never formed): C = M[:, J] (K_o² × s),
+U = pinv(M[I, J]), R = M[I, :] (s × K_i²), two semiring einsums, ≈ 2·s·K² per fold and input.
+
+Layers are swapped in at compile time through a layer compilation rule for ``SumLayer``
+(replacing modules of a compiled circuit does nothing: its address book keeps the old ones).
+cirkit stores rules in a module-level dict shared by every PipelineContext, so
+:func:`nystrom_sum_layers` is a context manager that restores the previous rule on exit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import layerzip
+
+from .views import KroneckerWeightView
+
+try:  # libcirkit is optional: only this module needs it
+    from cirkit.backend.torch.layers import TorchLayer
+    from cirkit.backend.torch.layers.inner import TorchInnerLayer
+    from cirkit.backend.torch.parameters.parameter import TorchParameter
+    from cirkit.symbolic.layers import SumLayer
+    from cirkit.symbolic.parameters import KroneckerParameter, Parameter
+except ImportError:  # pragma: no cover - exercised only without libcirkit
+    TorchInnerLayer = object  # type: ignore[assignment,misc]
+    SumLayer = None
+
+
+def _require_cirkit() -> None:
+    if SumLayer is None:
+        raise layerzip.PluginError("cirkit support needs libcirkit (pip install libcirkit; the "
+                                   "PyPI package named 'cirkit' is an unrelated tool)")
+
+
+class NystromSumLayer(TorchInnerLayer):
+    """A folded sum layer with weight A ⊗ B evaluated through s Nyström pivots.
+
+    Pivots are chosen per fold on the first forward (seeded; cirkit folds layers after
+    compiling them one by one, so choosing them at compile time would keep layers with
+    different pivots from folding) and kept in ``rows``/``cols`` (F, s);
+    :meth:`reset_pivots` chooses again (e.g. after training A, B)."""
+
+    def __init__(self, num_input_units: int, num_output_units: int, arity: int = 1, *,
+                 a: TorchParameter, b: TorchParameter, rank: int, pivots: str = "leverage",
+                 seed: int = 0, rcond: float = 1e-10, semiring=None, num_folds: int = 1):
+        super().__init__(num_input_units, num_output_units, arity, semiring=semiring,
+                         num_folds=num_folds)
+        if arity != 1:
+            raise ValueError("NystromSumLayer handles arity-1 sum layers")
+        (ko, ki), (ko2, ki2) = a.shape, b.shape
+        if ko * ko2 != num_output_units or ki * ki2 != num_input_units:
+            raise ValueError(f"A {a.shape} ⊗ B {b.shape} does not give "
+                             f"{num_output_units}×{num_input_units}")
+        if not 1 <= rank <= min(num_output_units, num_input_units):
+            raise ValueError(f"rank {rank} must be in [1, {min(num_output_units, num_input_units)}]")
+        self.a, self.b = a, b
+        self.rank, self.pivots, self.seed, self.rcond = int(rank), pivots, int(seed), rcond
+        layerzip.get_pivot_strategy(pivots)  # unknown names fail here, with what is installed
+        self.register_buffer("rows", torch.empty(0, dtype=torch.long))
+        self.register_buffer("cols", torch.empty(0, dtype=torch.long))
+
+    @property
+    def config(self) -> Mapping[str, Any]:
+        return {"num_input_units": self.num_input_units,
+                "num_output_units": self.num_output_units, "arity": self.arity,
+                "rank": self.rank, "pivots": self.pivots, "seed": self.seed, "rcond": self.rcond}
+
+    @property
+    def params(self) -> Mapping[str, TorchParameter]:
+        return {"a": self.a, "b": self.b}
+
+    def reset_pivots(self) -> None:
+        self.rows = torch.empty(0, dtype=torch.long, device=self.rows.device)
+        self.cols = torch.empty(0, dtype=torch.long, device=self.cols.device)
+
+    @torch.no_grad()
+    def _choose(self, a: Tensor, b: Tensor) -> None:
+        strategy = layerzip.get_pivot_strategy(self.pivots)
+        rows, cols = [], []
+        for f in range(a.shape[0]):
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + f)
+            view = KroneckerWeightView(a[f].real.double().cpu(), b[f].real.double().cpu())
+            cols.append(strategy.select(view, self.rank, "cols", generator=g))
+            rows.append(strategy.select(view, self.rank, "rows", generator=g))
+        self.rows = torch.stack(rows).to(a.device)
+        self.cols = torch.stack(cols).to(a.device)
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(C (F, K_o², s), G = U R (F, s, K_i²)) from the current A and B."""
+        a, b = self.a(), self.b()                                   # (F, ko, ki), (F, ko2, ki2)
+        if self.rows.numel() == 0:
+            self._choose(a.detach(), b.detach())
+        f, ko, ki = a.shape
+        _, ko2, ki2 = b.shape
+        i1, i2 = self.rows // ko2, self.rows % ko2                  # (F, s)
+        j1, j2 = self.cols // ki2, self.cols % ki2
+        fa = torch.arange(f, device=a.device)[:, None]
+        # C[:, t] = A[:, j1_t] ⊗ B[:, j2_t];  R[t, :] = A[i1_t, :] ⊗ B[i2_t, :]
+        c = (a.transpose(1, 2)[fa, j1][:, :, :, None] * b.transpose(1, 2)[fa, j2][:, :, None, :]
+             ).reshape(f, self.rank, ko * ko2).transpose(1, 2)
+        r = (a[fa, i1][:, :, :, None] * b[fa, i2][:, :, None, :]).reshape(f, self.rank, ki * ki2)
+        core = a[fa[:, :, None], i1[:, :, None], j1[:, None, :]] * \
+            b[fa[:, :, None], i2[:, :, None], j2[:, None, :]]       # M[I, J]: (F, s, s)
+        u = torch.linalg.pinv(core.double(), rtol=self.rcond).to(r.dtype)
+        return c, u @ r
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: (F, H=1, B, K_i²) → (F, B, K_i²)
+        x = x.permute(0, 2, 1, 3).flatten(start_dim=2)
+        c, g = self.factors()
+        h = self.semiring.einsum("fbi,fsi->fbs", inputs=(x,), operands=(g,), dim=-1,
+                                 keepdim=True)
+        return self.semiring.einsum("fbs,fos->fbo", inputs=(h,), operands=(c,), dim=-1,
+                                    keepdim=True)
+
+    def sample(self, x: Tensor):  # pragma: no cover - sampling needs positive weights
+        raise NotImplementedError("sampling from a Nyström sum layer is not supported")
+
+
+def _sub_parameter(param: Parameter, node) -> Parameter:
+    """The symbolic sub-graph of ``param`` that computes ``node``."""
+    seen, order = set(), []
+
+    def visit(n):
+        if n in seen:
+            return
+        seen.add(n)
+        for i in param.node_inputs(n):
+            visit(i)
+        order.append(n)
+
+    visit(node)
+    return Parameter(order, {n: param.node_inputs(n) for n in order}, [node])
+
+
+@contextmanager
+def nystrom_sum_layers(rank: int | float, pivots: str = "leverage", *, seed: int = 0,
+                       rcond: float = 1e-10, select=None):
+    """Inside the block, cirkit compiles every arity-1 ``SumLayer`` whose weight is a
+    Kronecker product (the sum layers of squared circuits) into a :class:`NystromSumLayer`;
+    other sum layers compile as usual. ``rank`` is s, or a fraction of min(K_o², K_i²) when a
+    float; ``select(sl) -> bool`` restricts which layers. The previous rule is restored on
+    exit, even on error. Yields a dict counting replaced / kept layers."""
+    _require_cirkit()
+    from cirkit.backend.torch import compiler as torch_compiler
+
+    rules = torch_compiler.DEFAULT_LAYER_COMPILATION_RULES
+    saved = dict(rules)
+    default_rule = rules[SumLayer]
+    counts = {"replaced": 0, "kept": 0}
+
+    def compile_sum_layer(compiler, sl):
+        weight = sl.weight
+        out = weight.output
+        if sl.arity != 1 or not isinstance(out, KroneckerParameter) or \
+                (select is not None and not select(sl)):
+            counts["kept"] += 1
+            return default_rule(compiler, sl)
+        a_node, b_node = weight.node_inputs(out)
+        a = compiler.compile_parameter(_sub_parameter(weight, a_node))
+        b = compiler.compile_parameter(_sub_parameter(weight, b_node))
+        full = min(sl.num_output_units, sl.num_input_units)
+        s = rank if isinstance(rank, int) else max(1, math.ceil(rank * full))
+        counts["replaced"] += 1
+        return NystromSumLayer(sl.num_input_units, sl.num_output_units, sl.arity, a=a, b=b,
+                               rank=min(s, full), pivots=pivots, seed=seed, rcond=rcond,
+                               semiring=compiler.semiring)
+
+    # cirkit picks the rule by the annotation of its last argument
+    compile_sum_layer.__annotations__ = {"compiler": object, "sl": SumLayer,
+                                         "return": TorchLayer}
+    rules[SumLayer] = compile_sum_layer
+    try:
+        yield counts
+    finally:
+        rules.clear()
+        rules.update(saved)
+
+
+__all__ = ["NystromSumLayer", "nystrom_sum_layers"]
