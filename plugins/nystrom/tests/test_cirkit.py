@@ -105,3 +105,31 @@ def test_unknown_pivot_strategy_is_a_clear_error(circuits):
     with pytest.raises(layerzip.LayerzipError, match="pivot"):
         with nystrom_sum_layers(4, "levrage"):
             compile_both(sq, z)
+
+
+@pytest.mark.parametrize("pivots", ["l2", "leverage"])
+def test_optimal_middle_is_exact_at_full_rank_and_never_worse_per_layer(circuits, exact, pivots):
+    sq, z = circuits
+    x, logp, logz = exact
+    with nystrom_sum_layers(K * K, pivots, middle="optimal"):
+        got_p, got_z = log_probs(sq, z, x)
+    torch.testing.assert_close(got_z, logz, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_p, logp, rtol=1e-4, atol=1e-3)
+
+    def layer_errors(middle):
+        with nystrom_sum_layers(3, pivots, middle=middle):
+            c, _ = compile_both(sq, z)
+        errs = []
+        with torch.no_grad():
+            c(x)  # chooses the pivots (same seed → same pivots for both middles)
+            for m in c.modules():
+                if isinstance(m, NystromSumLayer) and m.rank > 1:
+                    approx = torch.bmm(*m.factors()).double()
+                    a, b = m.a().double(), m.b().double()
+                    full = torch.stack([torch.kron(a[f], b[f]) for f in range(a.shape[0])])
+                    errs.append(((approx - full).norm(dim=(1, 2)) / full.norm(dim=(1, 2))))
+        return torch.cat(errs)
+
+    inter, opt = layer_errors("intersection"), layer_errors("optimal")
+    # C⁺ M R⁺ minimizes ‖M − C U R‖ over U for the same pivots: never worse, fold by fold
+    assert bool((opt <= inter + 1e-9).all()) and float(opt.mean()) < float(inter.mean())

