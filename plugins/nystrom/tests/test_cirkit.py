@@ -133,3 +133,34 @@ def test_optimal_middle_is_exact_at_full_rank_and_never_worse_per_layer(circuits
     inter, opt = layer_errors("intersection"), layer_errors("optimal")
     # C⁺ M R⁺ minimizes ‖M − C U R‖ over U for the same pivots: never worse, fold by fold
     assert bool((opt <= inter + 1e-9).all()) and float(opt.mean()) < float(inter.mean())
+
+
+def test_a_spec_drives_the_circuit_compilation(circuits, exact):
+    import layerzip
+    from layerzip_nystrom.cirkit_layers import compile_circuit
+
+    sq, z = circuits
+    x, logp, logz = exact
+    spec = {"rules": [{"targets": ["SumLayer"], "method": "nystrom",
+                       "params": {"rank": K * K, "pivots": "l2", "middle": "optimal"}}]}
+    torch.manual_seed(123)
+    c, counts = compile_circuit(sq, spec)
+    assert counts["replaced"] > 0
+    with torch.no_grad():
+        torch.testing.assert_close(c(x).real.flatten().double(), logp, rtol=1e-4, atol=1e-3)
+    bad = [
+        ({"targets": ["layer.3"]}, "field targets"),
+        ({"method": "svd"}, "field 'method'"),
+        ({"params": {"rank": 4, "selection": "top"}}, "sample pivots"),
+        ({"params": {"rank": 4, "pivot": "l2"}}, "rule 0, params"),
+    ]
+    for change, words in bad:
+        rule = {**spec["rules"][0], **change}
+        with pytest.raises(layerzip.SpecError, match=words):
+            compile_circuit(sq, {"rules": [rule]})
+    plain = data_modalities.image_data(
+        (1, 4, 4), region_graph="quad-tree-4", input_layer="embedding", num_input_units=K,
+        sum_product_layer="cp", num_sum_units=K, sum_weight_param=utils.Parameterization(
+            activation="none", initialization="normal"))
+    with pytest.raises(layerzip.SpecError, match="matched no layer"):
+        compile_circuit(plain, spec)  # not squared: no Kronecker sum layers

@@ -205,4 +205,49 @@ def nystrom_sum_layers(rank: int | float, pivots: str = "leverage", *, seed: int
         rules.update(saved)
 
 
-__all__ = ["NystromSumLayer", "nystrom_sum_layers"]
+
+
+CIRCUIT_TARGETS = ("SumLayer",)
+
+
+def compile_circuit(circuit, spec, *, semiring: str = "complex-lse-sum", fold: bool = True,
+                    optimize: bool = True):
+    """Compile a symbolic cirkit circuit with its Kronecker sum layers approximated as a layerzip
+    spec says, e.g. ``{"rules": [{"targets": ["SumLayer"], "method": "nystrom", "params":
+    {"rank": 16, "pivots": "leverage"}}]}``. Returns (compiled circuit, {"replaced", "kept"}).
+
+    Circuits have no layer names, so a rule targets the class ``SumLayer`` (every arity-1 sum
+    layer whose weight is a Kronecker product); errors name the rule and the field."""
+    _require_cirkit()
+    from cirkit.pipeline import PipelineContext
+
+    spec = layerzip.Spec.parse(spec)
+    if len(spec.rules) != 1:
+        raise layerzip.SpecError(f"circuits take one rule (targets: [SumLayer]); got "
+                                 f"{len(spec.rules)} — rule 1 could never match")
+    rule = spec.rules[0]
+    bad = [t for t in rule.targets if t not in CIRCUIT_TARGETS]
+    if bad or rule.ignore:
+        raise layerzip.SpecError(f"rule 0, field {'targets' if bad else 'ignore'}: circuit layers "
+                                 f"have no names; use targets: [SumLayer] and no ignore "
+                                 f"(got {bad or rule.ignore})")
+    if rule.method != "nystrom":
+        raise layerzip.SpecError(f"rule 0, field 'method': circuits support 'nystrom', got "
+                                 f"{rule.method!r}")
+    params = layerzip.validate_params(layerzip.get_approximator("nystrom"), rule.params,
+                                      "rule 0, params")
+    if params.selection != "sample" or params.replace:
+        raise layerzip.SpecError("rule 0, params: circuits sample pivots without replacement "
+                                 "(selection: sample, replace: false)")
+    with nystrom_sum_layers(params.rank, params.pivots, seed=spec.seed, rcond=params.rcond,
+                            middle=params.middle) as counts:
+        ctx = PipelineContext(backend="torch", semiring=semiring, fold=fold, optimize=optimize)
+        compiled = ctx.compile(circuit)
+    if spec.strict and counts["replaced"] == 0:
+        raise layerzip.SpecError("rule 0 (method 'nystrom') matched no layer: the circuit has no "
+                                 "Kronecker sum layers (square it with "
+                                 "cirkit.symbolic.functional.multiply first)")
+    return compiled, dict(counts)
+
+
+__all__ = ["NystromSumLayer", "compile_circuit", "nystrom_sum_layers"]
