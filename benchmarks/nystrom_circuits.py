@@ -23,8 +23,6 @@ import importlib.util
 import json
 import math
 import os
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,7 @@ import torch
 import cirkit.symbolic.functional as SF
 from cirkit.pipeline import PipelineContext
 from cirkit.templates import data_modalities, utils
+from layerzip.bench import time_callable
 from layerzip_nystrom.cirkit_layers import NystromSumLayer, nystrom_sum_layers
 
 STRATEGIES = ("uniform", "l2", "leverage")
@@ -104,13 +103,7 @@ def log_lik(c, cz, x, classes: int = 1):
 
 
 def timed(fn, runs=5):
-    fn()
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return time_callable(fn, rounds=runs, warmup=1, device="cpu").median
 
 
 def train(c, cz, x, y=None, steps=150, lr=0.05, batch=64, classes=1):

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from layerzip.bench import time_callable
 from layerzip.models import default_text, minilm_l6
 from layerzip_pqkv import ApproxKVLinear
 
@@ -62,14 +62,7 @@ def capture(model, tok, names, texts):
 
 
 def median_ms(fn, runs=30):
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
+    return time_callable(fn, rounds=runs, warmup=3, device="cpu").median * 1e3
 
 
 def main() -> None:
