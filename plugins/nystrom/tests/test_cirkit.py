@@ -164,3 +164,19 @@ def test_a_spec_drives_the_circuit_compilation(circuits, exact):
             activation="none", initialization="normal"))
     with pytest.raises(layerzip.SpecError, match="matched no layer"):
         compile_circuit(plain, spec)  # not squared: no Kronecker sum layers
+
+
+def test_inference_reuses_the_factors_until_the_weights_change(circuits):
+    sq, z = circuits
+    with nystrom_sum_layers(4, "l2"):
+        c, _ = compile_both(sq, z)
+    x = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(2))
+    layer = next(m for m in c.modules() if isinstance(m, NystromSumLayer) and m.rank == 4)
+    with torch.no_grad():
+        first = c(x)
+        cached = layer._inference_cache[1][0]
+        assert torch.equal(c(x), first) and layer._inference_cache[1][0] is cached
+        for p in layer.parameters():
+            p.mul_(1.5)  # a training step would do this: the cache must notice
+        changed = c(x)
+    assert layer._inference_cache[1][0] is not cached and not torch.equal(changed, first)

@@ -75,6 +75,7 @@ class NystromSumLayer(TorchInnerLayer):
         layerzip.get_pivot_strategy(pivots)  # unknown names fail here, with what is installed
         self.register_buffer("rows", torch.empty(0, dtype=torch.long))
         self.register_buffer("cols", torch.empty(0, dtype=torch.long))
+        self._inference_cache: tuple | None = None
 
     @property
     def config(self) -> Mapping[str, Any]:
@@ -131,10 +132,25 @@ class NystromSumLayer(TorchInnerLayer):
         u = torch.linalg.pinv(core.double(), rtol=self.rcond).to(r.dtype)
         return c, u @ r
 
+    def _cache_key(self) -> tuple:
+        return tuple((p.data_ptr(), p._version) for p in self.parameters()) + \
+            (self.rows.data_ptr(), self.rows.numel())
+
+    def _factors_for_forward(self) -> tuple[Tensor, Tensor]:
+        """factors(), recomputed under autograd (A, B may be training) and cached otherwise
+        until A, B or the pivots change, so inference does not redo the pseudo-inverses."""
+        if torch.is_grad_enabled():
+            self._inference_cache = None
+            return self.factors()
+        if self._inference_cache is None or self._inference_cache[0] != self._cache_key():
+            factors = self.factors()  # may choose the pivots, so the key is taken after
+            self._inference_cache = (self._cache_key(), factors)
+        return self._inference_cache[1]
+
     def forward(self, x: Tensor) -> Tensor:
         # x: (F, H=1, B, K_i²) → (F, B, K_i²)
         x = x.permute(0, 2, 1, 3).flatten(start_dim=2)
-        c, g = self.factors()
+        c, g = self._factors_for_forward()
         h = self.semiring.einsum("fbi,fsi->fbs", inputs=(x,), operands=(g,), dim=-1,
                                  keepdim=True)
         return self.semiring.einsum("fbs,fos->fbo", inputs=(h,), operands=(c,), dim=-1,
