@@ -92,6 +92,18 @@ def copy_trained(src, dst) -> None:
             m.reset_pivots()
 
 
+def approximations(sq, z, trained, ranks, k):
+    """(pivots, s, circuit, Z circuit) for every strategy and rank s ≤ K², each compiled with
+    Nyström sum layers and given the trained circuit's parameters."""
+    for pivots in STRATEGIES:
+        for s in ranks:
+            if s > k * k:
+                continue
+            n, nz = compile_pair(sq, z, rank=s, pivots=pivots)
+            copy_trained(trained, n)
+            yield pivots, s, n, nz
+
+
 def log_lik(c, cz, x, classes: int = 1):
     """log p(x) (B,), or log p(x | y) (B, classes) for a multi-output circuit: squaring pairs the
     outputs (classes² of them); class y's normalized density is the diagonal entry y·(C+1)."""
@@ -150,26 +162,21 @@ def density(args, x, rows):
         t_naive = timed(lambda: naive(batch))
         mem_naive = sum_layer_memory(naive)
     nll = float(-exact_ll.mean())
-    for pivots in STRATEGIES:
-        for s in args.ranks:
-            if s > k * k:
-                continue
-            n, nz = compile_pair(sq, z, rank=s, pivots=pivots)
-            copy_trained(c, n)
-            with torch.no_grad():
-                ll = log_lik(n, nz, held)
-                t = timed(lambda: n(batch))
-            dnll = float(-ll.mean()) - nll
-            if s == k * k:  # the copy is only trusted because this holds
-                assert abs(dnll) < 1e-3 * max(1.0, abs(nll)), f"full-rank ΔNLL {dnll}"
-            rows.append({"circuit": "mnist_density", "K": k, "rank": s, "pivots": pivots,
-                         "middle": MIDDLE, "nll": nll, "delta_nll": dnll,
-                         "delta_bpd": dnll / (784 * math.log(2)), "bpd": nll / (784 * math.log(2)),
-                         "ms": t * 1e3, "ms_exact_opt": t_opt * 1e3,
-                         "ms_exact_naive": t_naive * 1e3, "speedup_vs_opt": t_opt / t,
-                         "speedup_vs_naive": t_naive / t, "sum_weight_elems": sum_layer_memory(n),
-                         "sum_weight_elems_naive": mem_naive})
-            print(json.dumps(rows[-1]), flush=True)
+    for pivots, s, n, nz in approximations(sq, z, c, args.ranks, k):
+        with torch.no_grad():
+            ll = log_lik(n, nz, held)
+            t = timed(lambda: n(batch))
+        dnll = float(-ll.mean()) - nll
+        if s == k * k:  # the parameter copy is only trusted because this holds
+            assert abs(dnll) < 1e-3 * max(1.0, abs(nll)), f"full-rank ΔNLL {dnll}"
+        rows.append({"circuit": "mnist_density", "K": k, "rank": s, "pivots": pivots,
+                     "middle": MIDDLE, "nll": nll, "delta_nll": dnll,
+                     "delta_bpd": dnll / (784 * math.log(2)), "bpd": nll / (784 * math.log(2)),
+                     "ms": t * 1e3, "ms_exact_opt": t_opt * 1e3,
+                     "ms_exact_naive": t_naive * 1e3, "speedup_vs_opt": t_opt / t,
+                     "speedup_vs_naive": t_naive / t, "sum_weight_elems": sum_layer_memory(n),
+                     "sum_weight_elems_naive": mem_naive})
+        print(json.dumps(rows[-1]), flush=True)
 
 
 def classifier(args, x, labels, rows):
@@ -183,19 +190,14 @@ def classifier(args, x, labels, rows):
     with torch.no_grad():
         acc = float((log_lik(c, cz, held, 10).argmax(1) == held_y).float().mean())
         t_opt = timed(lambda: c(batch))
-    for pivots in STRATEGIES:
-        for s in args.ranks:
-            if s > k * k:
-                continue
-            n, nz = compile_pair(sq, z, rank=s, pivots=pivots)
-            copy_trained(c, n)
-            with torch.no_grad():
-                a = float((log_lik(n, nz, held, 10).argmax(1) == held_y).float().mean())
-                t = timed(lambda: n(batch))
-            rows.append({"circuit": "mnist_classifier", "K": k, "rank": s, "pivots": pivots,
-                         "middle": MIDDLE, "accuracy": a, "accuracy_exact": acc, "ms": t * 1e3,
-                         "ms_exact_opt": t_opt * 1e3, "speedup_vs_opt": t_opt / t})
-            print(json.dumps(rows[-1]), flush=True)
+    for pivots, s, n, nz in approximations(sq, z, c, args.ranks, k):
+        with torch.no_grad():
+            a = float((log_lik(n, nz, held, 10).argmax(1) == held_y).float().mean())
+            t = timed(lambda: n(batch))
+        rows.append({"circuit": "mnist_classifier", "K": k, "rank": s, "pivots": pivots,
+                     "middle": MIDDLE, "accuracy": a, "accuracy_exact": acc, "ms": t * 1e3,
+                     "ms_exact_opt": t_opt * 1e3, "speedup_vs_opt": t_opt / t})
+        print(json.dumps(rows[-1]), flush=True)
 
 
 def one_sum_layer(args, x, rows):
@@ -224,16 +226,14 @@ def one_sum_layer(args, x, rows):
     held = patches[4000:]
     with torch.no_grad():
         exact = log_lik(c, cz, held, k)
-    for pivots in STRATEGIES:
-        for s in sorted({1, 2, 4, k, 2 * k, k * k // 2, k * k}):
-            n, nz = compile_pair(sq, z, rank=s, pivots=pivots)
-            copy_trained(c, n)
-            with torch.no_grad():
-                got = log_lik(n, nz, held, k)
-            rows.append({"circuit": "one_sum_layer", "K": k, "rank": s, "pivots": pivots,
-                         "middle": MIDDLE,
-                         "mean_abs_log_value_error": float((got - exact).abs().mean())})
-            print(json.dumps(rows[-1]), flush=True)
+    for pivots, s, n, nz in approximations(sq, z, c, sorted({1, 2, 4, k, 2 * k, k * k // 2,
+                                                            k * k}), k):
+        with torch.no_grad():
+            got = log_lik(n, nz, held, k)
+        rows.append({"circuit": "one_sum_layer", "K": k, "rank": s, "pivots": pivots,
+                     "middle": MIDDLE,
+                     "mean_abs_log_value_error": float((got - exact).abs().mean())})
+        print(json.dumps(rows[-1]), flush=True)
 
 
 def speed_grid(args, rows):

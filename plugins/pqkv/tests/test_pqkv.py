@@ -222,3 +222,18 @@ def test_save_and_load_round_trip_through_a_spec(tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh(held), before)
     assert float(fresh.layer.threshold) == float(model.layer.threshold) > 0
+
+
+@pytest.mark.parametrize("cfg", [{"whiten": False, "expected_K": 8},
+                                 {"expected_K": 8, "refine_exact_with_float_keys": True},
+                                 {"expected_K": 8, "values_index_type": "PQ"}])
+def test_plan_estimate_bounds_what_is_stored(cfg):
+    from layerzip import DenseWeightView
+
+    lin = layer(out_f=384, in_f=256)
+    calib, _ = inputs(in_f=256)
+    est = layerzip.get_approximator("pq_kv").estimate(
+        DenseWeightView(lin.weight, lin.bias), KVLinearConfig(**cfg))
+    m = ApproxKVLinear.from_linear(lin, cfg)
+    m.prepare(calib)
+    assert sum(m.stored_bytes().values()) <= est.params * 4

@@ -13,7 +13,8 @@ from layerzip import Approximator, Estimate, FitContext, Params, WeightView
 from .chain import random_factors
 from .fit import closed_form, refine
 from .module import OP, KSChainLinear
-from .patterns import ChainChoice, Pattern, PatternError, best_chain, check_chain, \
+from .patterns import ChainChoice, Pattern, PatternError, best_chain, check_chain, compose, \
+    inner_rank, \
     product_pattern
 
 
@@ -147,8 +148,6 @@ class KSChain(Approximator):
 
 def _rank_of(patterns: list[Pattern]) -> int:
     """The inner rank at the first boundary (1 for a single factor)."""
-    from .patterns import compose, inner_rank
-
     if len(patterns) < 2 or compose(patterns[0], patterns[1]) is None:
         return 1
     return inner_rank(patterns[0], patterns[1])

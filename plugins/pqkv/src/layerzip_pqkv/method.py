@@ -27,14 +27,22 @@ class PQKeyValue(Approximator):
             raise ValueError("use_bias is false but the layer has a bias (it would be dropped)")
 
     def estimate(self, view: WeightView, params) -> Estimate:
-        """An upper bound (the kept rank is known only after the SVD): full rank, codes only."""
+        """An upper bound in float32 units (the kept rank is known only after the SVD, so
+        full rank): byte codes count ¼, plus codebooks, the whitening factor and the float
+        keys/values when the config keeps them."""
         m, n = view.shape
         r = min(m, n)
         lay = resolve_layout(params, m, n, r)
-        elems = 2 * r * lay["m_keys"] // 4 + lay["m_keys"] * lay["ks_keys"] * (n // lay["m_keys"])
-        elems += r * m // 4 + (m if view.bias is not None else 0)
+        elems = 2 * r * lay["m_keys"] // 4 + lay["ks_keys"] * n        # key codes + codebooks
+        elems += r * m // 4 + m if params.values_index_type == "SQ" else \
+            r * lay["m_vals"] // 4 + lay["ks_vals"] * m                 # value codes (+ tables)
         if params.whiten:
             elems += n * n
+        if lay["nlist"]:
+            elems += lay["nlist"] * n + 2 * r
+        if params.use_ste or not params.approx_inference or params.refine_exact_with_float_keys:
+            elems += r * (n + m)
+        elems += 1 + (m if view.bias is not None else 0)                 # threshold, bias
         return Estimate(elems, 2 * n * r + 2 * params.expected_K * m)
 
     def fit(self, view: WeightView, params, context: FitContext) -> ApproxKVLinear:
