@@ -28,6 +28,7 @@ from .calibration import call_model, collect_stats
 from .checkpoint import load, load_record, read_manifest, save, save_record, write_atomic
 from .errors import CheckpointError, CompressionError, LayerzipError, PluginError, SpecError
 from .hookspecs import hookimpl
+from .models import cache_dir
 from .pivots import PivotStrategy
 from .planning import Plan, PlannedLayer, plan
 from .plugins import (
@@ -39,16 +40,18 @@ from .plugins import (
     reset_registry,
 )
 from .report import LayerRow, Report
+from .sources import CompressOutcome, Metric, ModelSource
 from .spec import Rule, Spec, json_schema, validate_params
 from .views import DenseWeightView, WeightView
 from .walker import compress
 
 __all__ = [
-    "Approximator", "ApproxModule", "Backend", "TritonKernelBackend", "triton_interpreted", "CheckpointError", "CompressionError",
+    "Approximator", "ApproxModule", "Backend", "CheckpointError", "CompressOutcome",
+    "CompressionError", "Metric", "ModelSource", "TritonKernelBackend", "triton_interpreted",
     "Conv1DAdapter", "DenseWeightView", "Estimate", "FitContext", "LayerAdapter", "LayerRow",
     "LayerStats", "LayerzipError", "LinearAdapter", "Params", "PivotStrategy", "Plan",
     "PlannedLayer", "PluginError", "Registry", "Report", "Rule", "Spec", "SpecError",
-    "WeightView", "__version__", "call_model", "collect_stats", "compress", "get_approximator",
+    "WeightView", "__version__", "cache_dir", "call_model", "collect_stats", "compress", "get_approximator",
     "get_backend", "get_pivot_strategy", "get_registry", "hookimpl", "json_schema", "load",
     "load_record", "plan", "read_manifest", "reset_registry", "save", "save_record",
     "validate_params", "write_atomic",

@@ -18,6 +18,8 @@ from .errors import LayerzipError
 console = Console() if sys.stdout.isatty() else Console(width=160)
 DEFAULT_MODEL = "smollm2"
 DEFAULT_OUT = "layerzip-out"
+MODEL_HELP = (f"a built-in name (default {DEFAULT_MODEL}), a local Hugging Face directory, or a "
+              "model a plugin provides ('layerzip plugins' lists them)")
 
 
 def default_spec_path() -> Path:
@@ -58,13 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("plan", help="show which layer gets which method (no computation)")
     s.add_argument("spec", nargs="?", help="spec file (default: the shipped default spec)")
-    s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("compress", help="compress a model, print the report, save the result")
     s.add_argument("spec", nargs="?", help="spec file (default: the shipped default spec)")
-    s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     s.add_argument("--calib", help="calibration text file (default: pydoc_data.topics text)")
     s.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     s.add_argument("--window", type=int, default=256, help="tokens per calibration window")
@@ -140,13 +142,33 @@ def cmd_plugins(args) -> int:
     return 0
 
 
+def _model_source(ref: str):
+    """The plugin-registered source named ``ref``, or None for built-ins and local paths."""
+    from .plugins import get_registry
+
+    return get_registry().model_source(ref)
+
+
+def _spec_for(args, source=None):
+    if args.spec:
+        return args.spec
+    if source is None:
+        return default_spec_path()
+    spec = source.default_spec()
+    if spec is None:
+        raise LayerzipError(f"model {source.name!r} has no default spec: give a spec file")
+    return spec
+
+
 def cmd_plan(args) -> int:
     from .models import load_model
     from .planning import plan
 
-    spec = args.spec or default_spec_path()
-    loaded = load_model(args.model)
-    p = plan(loaded.model, spec)
+    source = _model_source(args.model)
+    if source is not None:
+        p = source.plan(_spec_for(args, source))
+    else:
+        p = plan(load_model(args.model).model, _spec_for(args))
     if args.json:
         print(json.dumps({"layers": [{"name": la.name, "type": la.layer_type, "method": la.method,
                                       "backend": la.rule.backend, "params": la.before.params,
@@ -164,7 +186,10 @@ def cmd_compress(args) -> int:
     from .models import default_text, load_model, text_windows
     from .walker import compress
 
-    spec = args.spec or default_spec_path()
+    source = _model_source(args.model)
+    if source is not None:
+        return _compress_source(args, source)
+    spec = _spec_for(args)
     t0 = time.perf_counter()
     loaded = load_model(args.model)
     console.print(f"model [bold]{loaded.name}[/] loaded in {time.perf_counter() - t0:.1f}s")
@@ -200,6 +225,38 @@ def cmd_compress(args) -> int:
         data["perplexity"] = {"before": ppl_before, "after": ppl_after}
         Path(args.report_json).write_text(json.dumps(data, indent=2))
     return 0
+
+
+def _compress_source(args, source) -> int:
+    lm_only = [f"--{k.replace('_', '-')}" for k in ("calib",) if getattr(args, k)]
+    if lm_only:
+        raise LayerzipError(f"{', '.join(lm_only)} is for causal LMs; model {source.name!r} "
+                            "brings its own data")
+    outcome = source.compress(_spec_for(args, source), args.out,
+                              progress=False if args.quiet else None)
+    console.print(outcome.report.to_table(max_rows=40))
+    summary = Table(title=f"{source.name}: summary")
+    for col in ("", "before", "after", "change"):
+        summary.add_column(col, justify="left" if not col else "right")
+    for m in outcome.metrics:
+        change = "" if m.before is None or m.after is None else f"{m.after - m.before:+.4g}"
+        summary.add_row(m.name + (f" ({m.better} is better)" if m.better else ""),
+                        _num(m.before), _num(m.after), change)
+    if outcome.saved:
+        summary.add_row("saved to", "", str(outcome.saved), "")
+    console.print(summary)
+    for note in outcome.notes:
+        console.print(f"note: {note}")
+    if args.report_json:
+        data = outcome.report.to_dict()
+        data["metrics"] = [vars(m) for m in outcome.metrics]
+        data["notes"] = outcome.notes
+        Path(args.report_json).write_text(json.dumps(data, indent=2))
+    return 0
+
+
+def _num(x: float | None) -> str:
+    return "—" if x is None else f"{x:.4g}"
 
 
 def cmd_eval(args) -> int:

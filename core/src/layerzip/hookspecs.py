@@ -41,3 +41,12 @@ def register_layer_adapters(register):
     """Register layer types layerzip may replace. ``register(adapter)`` takes an instance of
     :class:`layerzip.LayerAdapter`. Adapters are asked in order of descending ``priority``; the
     first whose ``accepts(module)`` is true owns the module."""
+
+
+@hookspec
+def register_model_sources(register):
+    """Register models the command line can load by name (``--model NAME``). ``register(source)``
+    takes an instance of :class:`layerzip.ModelSource`; its ``name`` must not clash with a
+    built-in model or another plugin's source. Meant for models whose layers are approximated
+    while the model is built (compiled cirkit circuits), which own their ``plan`` and
+    ``compress``."""

@@ -104,9 +104,17 @@ def load_model(ref: str) -> LoadedModel:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         tok = transformers.AutoTokenizer.from_pretrained(path)
         return LoadedModel(ref, model.eval(), HFTokenizer(tok))
+    from .plugins import get_registry  # plugins imports this module
+
+    registry = get_registry()
+    if registry.model_source(ref) is not None:
+        raise LayerzipError(f"model {ref!r} comes from plugin {registry.model_sources[ref][1]!r} "
+                            "and works with 'layerzip plan' and 'layerzip compress' only")
+    plugin_models = f"; from plugins: {', '.join(registry.model_sources)}" \
+        if registry.model_sources else ""
     raise LayerzipError(
         f"unknown model {ref!r}: give a local Hugging Face directory (with config.json) or a "
-        f"built-in name: {', '.join(BUILTINS)}")
+        f"built-in name: {', '.join(BUILTINS)}{plugin_models}")
 
 
 def gpt2_tiny(seed: int = 0) -> nn.Module:

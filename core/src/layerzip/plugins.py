@@ -19,7 +19,9 @@ from .adapters import Conv1DAdapter, LayerAdapter, LinearAdapter
 from .approximator import Approximator
 from .backends import Backend
 from .errors import PluginError, SpecError, close_spelling, installed_list
+from .models import BUILTINS
 from .pivots import PivotStrategy
+from .sources import ModelSource
 
 ENTRY_POINT_GROUP = "layerzip"
 CORE = "layerzip"
@@ -48,6 +50,7 @@ _KINDS = {
     "register_pivot_strategies": ("pivot_strategies", PivotStrategy),
     "register_backends": ("backends", Backend),
     "register_layer_adapters": ("layer_adapters", LayerAdapter),
+    "register_model_sources": ("model_sources", ModelSource),
 }
 
 
@@ -62,6 +65,7 @@ class Registry:
         self.pivot_strategies: dict[str, tuple[PivotStrategy, str]] = {}
         self.backends: dict[tuple[str, str], tuple[Backend, str]] = {}
         self.layer_adapters: list[tuple[LayerAdapter, str]] = []
+        self.model_sources: dict[str, tuple[ModelSource, str]] = {}
 
     # -- loading -----------------------------------------------------------------------------
     def load_entry_points(self) -> None:
@@ -113,6 +117,7 @@ class Registry:
         self.pivot_strategies = {k: v for k, v in self.pivot_strategies.items() if v[1] != name}
         self.backends = {k: v for k, v in self.backends.items() if v[1] != name}
         self.layer_adapters = [v for v in self.layer_adapters if v[1] != name]
+        self.model_sources = {k: v for k, v in self.model_sources.items() if v[1] != name}
         plugin = self.pm.get_plugin(name)
         if plugin is not None:
             self.pm.unregister(plugin)
@@ -120,10 +125,11 @@ class Registry:
 
     def _snapshot(self):
         return (dict(self.approximators), dict(self.pivot_strategies), dict(self.backends),
-                list(self.layer_adapters))
+                list(self.layer_adapters), dict(self.model_sources))
 
     def _restore(self, snap) -> None:
-        (self.approximators, self.pivot_strategies, self.backends, self.layer_adapters) = snap
+        (self.approximators, self.pivot_strategies, self.backends, self.layer_adapters,
+         self.model_sources) = snap
 
     def _registrar(self, kind: str, plugin_name: str, info: PluginInfo):
         base = next(b for k, b in _KINDS.values() if k == kind)
@@ -141,6 +147,9 @@ class Registry:
                     raise PluginError(f"plugin {plugin_name!r} registered a {base.__name__} "
                                       "with an empty name")
                 key = (obj.op, obj.name) if kind == "backends" else obj.name
+                if kind == "model_sources" and obj.name in BUILTINS:
+                    raise PluginError(f"plugin {plugin_name!r} registered model source "
+                                      f"{obj.name!r}, which is a built-in model name")
                 table = getattr(self, kind)
                 if key in table:
                     other = table[key][1]
@@ -207,6 +216,10 @@ class Registry:
             if adapter.accepts(module):
                 return adapter
         return None
+
+    def model_source(self, name: str) -> ModelSource | None:
+        entry = self.model_sources.get(name)
+        return entry[0] if entry else None
 
     def plugin_of(self, method: str) -> PluginInfo | None:
         entry = self.approximators.get(method)

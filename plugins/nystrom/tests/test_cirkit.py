@@ -11,7 +11,11 @@ from cirkit.pipeline import PipelineContext  # noqa: E402
 from cirkit.symbolic.layers import SumLayer  # noqa: E402
 from cirkit.templates import data_modalities, utils  # noqa: E402
 
-from layerzip_nystrom.cirkit_layers import NystromSumLayer, nystrom_sum_layers  # noqa: E402
+from layerzip_nystrom.cirkit_layers import (  # noqa: E402
+    NystromSumLayer,
+    SymbolicCircuitLayers,
+    nystrom_sum_layers,
+)
 
 K = 3  # units per sum layer: the squared layers are K² × K² = 9 × 9
 
@@ -141,16 +145,21 @@ def test_a_spec_drives_the_circuit_compilation(circuits, exact):
 
     sq, z = circuits
     x, logp, logz = exact
-    spec = {"rules": [{"targets": ["SumLayer"], "method": "nystrom",
+    root = [name for name, layer in SymbolicCircuitLayers(sq).named_modules()
+            if name.startswith("sum.") and layer.num_output_units == 1]
+    assert len(root) == 1  # the one-output root: rank K² would not fit it
+    spec = {"rules": [{"targets": ["SumLayer"], "ignore": root, "method": "nystrom",
                        "params": {"rank": K * K, "pivots": "l2", "middle": "optimal"}}]}
     torch.manual_seed(123)
-    c, counts = compile_circuit(sq, spec)
-    assert counts["replaced"] > 0
+    (c, cz), counts, plan = compile_circuit(sq, spec, others=(z,))
+    assert counts["replaced"] == 2 * len(plan.layers)  # the circuit and its integral
     with torch.no_grad():
         torch.testing.assert_close(c(x).real.flatten().double(), logp, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(cz().real.flatten().double(), logz, rtol=1e-4, atol=1e-4)
     bad = [
-        ({"targets": ["layer.3"]}, "field targets"),
-        ({"method": "svd"}, "field 'method'"),
+        ({"targets": ["layer.3"]}, "matches no layer"),
+        ({"ignore": []}, f"layer '{root[0]}'.*rank 9 exceeds"),
+        ({"method": "svd", "params": {"rank": 4}}, "field 'method'"),
         ({"params": {"rank": 4, "selection": "top"}}, "sample pivots"),
         ({"params": {"rank": 4, "pivot": "l2"}}, "rule 0, params"),
     ]
@@ -162,7 +171,7 @@ def test_a_spec_drives_the_circuit_compilation(circuits, exact):
         (1, 4, 4), region_graph="quad-tree-4", input_layer="embedding", num_input_units=K,
         sum_product_layer="cp", num_sum_units=K, sum_weight_param=utils.Parameterization(
             activation="none", initialization="normal"))
-    with pytest.raises(layerzip.SpecError, match="matched no layer"):
+    with pytest.raises(layerzip.SpecError, match="matches no layer"):
         compile_circuit(plain, spec)  # not squared: no Kronecker sum layers
 
 

@@ -17,6 +17,7 @@ cirkit stores rules in a module-level dict shared by every PipelineContext, so
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -26,14 +27,14 @@ from torch import Tensor
 
 import layerzip
 
-from .views import KroneckerWeightView
+from .views import KroneckerWeightView, SymbolicKroneckerView
 
 try:  # libcirkit is optional: only this module needs it
     from cirkit.backend.torch.layers import TorchLayer
     from cirkit.backend.torch.layers.inner import TorchInnerLayer
     from cirkit.backend.torch.parameters.parameter import TorchParameter
     from cirkit.symbolic.layers import SumLayer
-    from cirkit.symbolic.parameters import KroneckerParameter, Parameter
+    from cirkit.symbolic.parameters import KroneckerParameter, Parameter, ReferenceParameter
 except ImportError:  # pragma: no cover - exercised only without libcirkit
     TorchInnerLayer = object  # type: ignore[assignment,misc]
     SumLayer = None
@@ -48,7 +49,8 @@ def _require_cirkit() -> None:
 class NystromSumLayer(TorchInnerLayer):
     """A folded sum layer with weight A ⊗ B evaluated through s Nyström pivots.
 
-    Pivots are chosen per fold on the first forward (seeded; cirkit folds layers after
+    Pivots are chosen per fold on the first forward (seeded by the spec's seed and the fold's
+    weights; cirkit folds layers after
     compiling them one by one, so choosing them at compile time would keep layers with
     different pivots from folding) and kept in ``rows``/``cols`` (F, s);
     :meth:`reset_pivots` chooses again (e.g. after training A, B)."""
@@ -97,8 +99,12 @@ class NystromSumLayer(TorchInnerLayer):
         strategy = layerzip.get_pivot_strategy(self.pivots)
         rows, cols = [], []
         for f in range(a.shape[0]):
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + f)
-            view = KroneckerWeightView(a[f].real.double().cpu(), b[f].real.double().cpu())
+            af, bf = a[f].real.double().cpu(), b[f].real.double().cpu()
+            # Seeded by the fold's own weights, not its position: the circuit and its integral
+            # (log Z) fold the same layer at different positions and must pick the same pivots.
+            digest = zlib.crc32(af.numpy().tobytes() + bf.numpy().tobytes())
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + digest)
+            view = KroneckerWeightView(af, bf)
             cols.append(strategy.select(view, self.rank, "cols", generator=g))
             rows.append(strategy.select(view, self.rank, "rows", generator=g))
         self.rows = torch.stack(rows).to(a.device)
@@ -177,14 +183,10 @@ def _sub_parameter(param: Parameter, node) -> Parameter:
 
 
 @contextmanager
-def nystrom_sum_layers(rank: int | float, pivots: str = "leverage", *, seed: int = 0,
-                       rcond: float = 1e-10, middle: str = "intersection", select=None):
-    """Inside the block, cirkit compiles every arity-1 ``SumLayer`` whose weight is a
-    Kronecker product (the sum layers of squared circuits) into a :class:`NystromSumLayer`;
-    other sum layers compile as usual. ``rank`` is s, or a fraction of min(K_o², K_i²) when a
-    float; ``middle`` is 'intersection' (U = pinv(M[I, J]), the classic Nyström middle) or
-    'optimal' (U = C⁺ M R⁺, never worse for the same pivots, O(s·K³) per fold); ``select(sl) -> bool`` restricts which layers. The previous rule is restored on
-    exit, even on error. Yields a dict counting replaced / kept layers."""
+def _sum_layer_rule(choose):
+    """Inside the block cirkit compiles an arity-1 ``SumLayer`` with a Kronecker weight into a
+    :class:`NystromSumLayer` with the keyword arguments ``choose(sl)`` returns (None: compile it
+    as usual). Restores cirkit's shared rule dict on exit, even on error."""
     _require_cirkit()
     from cirkit.backend.torch import compiler as torch_compiler
 
@@ -194,21 +196,17 @@ def nystrom_sum_layers(rank: int | float, pivots: str = "leverage", *, seed: int
     counts = {"replaced": 0, "kept": 0}
 
     def compile_sum_layer(compiler, sl):
-        weight = sl.weight
-        out = weight.output
-        if sl.arity != 1 or not isinstance(out, KroneckerParameter) or \
-                (select is not None and not select(sl)):
+        kwargs = choose(sl) if is_kronecker_sum_layer(sl) else None
+        if kwargs is None:
             counts["kept"] += 1
             return default_rule(compiler, sl)
-        a_node, b_node = weight.node_inputs(out)
+        weight = sl.weight
+        a_node, b_node = weight.node_inputs(weight.output)
         a = compiler.compile_parameter(_sub_parameter(weight, a_node))
         b = compiler.compile_parameter(_sub_parameter(weight, b_node))
-        full = min(sl.num_output_units, sl.num_input_units)
-        s = rank if isinstance(rank, int) else max(1, math.ceil(rank * full))
         counts["replaced"] += 1
         return NystromSumLayer(sl.num_input_units, sl.num_output_units, sl.arity, a=a, b=b,
-                               rank=min(s, full), pivots=pivots, seed=seed, rcond=rcond,
-                               middle=middle, semiring=compiler.semiring)
+                               semiring=compiler.semiring, **kwargs)
 
     # cirkit picks the rule by the annotation of its last argument
     compile_sum_layer.__annotations__ = {"compiler": object, "sl": SumLayer,
@@ -221,49 +219,146 @@ def nystrom_sum_layers(rank: int | float, pivots: str = "leverage", *, seed: int
         rules.update(saved)
 
 
+def is_kronecker_sum_layer(layer) -> bool:
+    """An arity-1 symbolic ``SumLayer`` whose weight is a Kronecker product (squared circuits)."""
+    return SumLayer is not None and isinstance(layer, SumLayer) and layer.arity == 1 and \
+        isinstance(layer.weight.output, KroneckerParameter)
 
 
-CIRCUIT_TARGETS = ("SumLayer",)
+@contextmanager
+def nystrom_sum_layers(rank: int | float, pivots: str = "leverage", *, seed: int = 0,
+                       rcond: float = 1e-10, middle: str = "intersection", select=None):
+    """Inside the block, cirkit compiles every arity-1 ``SumLayer`` whose weight is a
+    Kronecker product (the sum layers of squared circuits) into a :class:`NystromSumLayer`;
+    other sum layers compile as usual. ``rank`` is s, or a fraction of min(K_o², K_i²) when a
+    float (either is capped at that full rank); ``middle`` is 'intersection' (U = pinv(M[I, J]),
+    the classic Nyström middle) or 'optimal' (U = C⁺ M R⁺, never worse for the same pivots,
+    O(s·K³) per fold); ``select(sl) -> bool`` restricts which layers. The previous rule is
+    restored on exit, even on error. Yields a dict counting replaced / kept layers."""
+
+    def choose(sl):
+        if select is not None and not select(sl):
+            return None
+        full = min(sl.num_output_units, sl.num_input_units)
+        s = rank if isinstance(rank, int) else max(1, math.ceil(rank * full))
+        return {"rank": min(s, full), "pivots": pivots, "seed": seed, "rcond": rcond,
+                "middle": middle}
+
+    with _sum_layer_rule(choose) as counts:
+        yield counts
+
+
+class CirkitSumLayerAdapter(layerzip.LayerAdapter):
+    """The Kronecker sum layers of a symbolic squared circuit. They are replaced while the circuit
+    is compiled (a compiled circuit's address book keeps its layers), so this adapter serves
+    planning: it recognizes the layers and gives their shape; :func:`compile_circuit` does the
+    swap."""
+
+    name = "cirkit-sum"
+
+    def accepts(self, module) -> bool:
+        return is_kronecker_sum_layer(module)
+
+    def view(self, module) -> SymbolicKroneckerView:
+        weight = module.weight
+        a, b = weight.node_inputs(weight.output)
+        return SymbolicKroneckerView(tuple(a.shape), tuple(b.shape))
+
+    def replace(self, model, name, new):
+        raise layerzip.LayerzipError(
+            f"cirkit sum layer {name!r} cannot be swapped after compilation; compile the symbolic "
+            "circuit with layerzip_nystrom.compile_circuit(circuit, spec) instead")
+
+
+class SymbolicCircuitLayers:
+    """A symbolic circuit's layers under names the spec can target: ``sum.<i>``, ``product.<i>``
+    and ``input.<i>``, numbered per kind in cirkit's topological order (the root sum layer comes
+    last). Has the ``named_modules()`` that :func:`layerzip.plan` walks."""
+
+    def __init__(self, circuit):
+        self.circuit = circuit
+        self.names: dict[int, str] = {}
+        self._layers = []
+        counts: dict[str, int] = {}
+        for layer in circuit.topological_ordering():
+            kind = _kind(layer)
+            name = f"{kind}.{counts.get(kind, 0)}"
+            counts[kind] = counts.get(kind, 0) + 1
+            self.names[id(layer)] = name
+            self._layers.append((name, layer))
+
+    def named_modules(self):
+        yield "", self.circuit
+        yield from self._layers
+
+
+def _kind(layer) -> str:
+    from cirkit.symbolic.layers import InputLayer
+
+    if isinstance(layer, SumLayer):
+        return "sum"
+    return "input" if isinstance(layer, InputLayer) else "product"
+
+
+def plan_circuit(circuit, spec) -> layerzip.Plan:
+    """Which sum layers of the symbolic ``circuit`` get which Nyström params, by the same spec
+    rules as any model (targets by class ``SumLayer`` or by name ``sum.<i>``, ``ignore``, first
+    match wins, strict no-match errors). Sizes are those of the squared layer M = A ⊗ B
+    (K_o² × K_i²): 'params' is M materialized, 'params after' the Nyström factors C and U·R."""
+    _require_cirkit()
+    spec = layerzip.Spec.parse(spec)
+    plan = layerzip.plan(SymbolicCircuitLayers(circuit), spec)
+    for layer in plan.layers:
+        p = layer.rule.params
+        if layer.method != "nystrom":
+            raise layerzip.SpecError(f"{layer.rule.label}, field 'method': cirkit sum layers "
+                                     f"(e.g. {layer.name!r}) support 'nystrom', got "
+                                     f"{layer.method!r}")
+        if p.selection != "sample" or p.replace:
+            raise layerzip.SpecError(f"{layer.rule.label}, params: circuits sample pivots without "
+                                     "replacement (selection: sample, replace: false)")
+        if layer.rule.backend not in ("auto", "torch"):
+            raise layerzip.SpecError(f"{layer.rule.label}, field 'backend': circuit sum layers "
+                                     f"run in cirkit's semiring (backend: auto), got "
+                                     f"{layer.rule.backend!r}")
+    return plan
+
+
+def _factor_key(layer) -> tuple[int, int]:
+    weight = layer.weight
+    return tuple(id(n.deref()) if isinstance(n, ReferenceParameter) else id(n)
+                 for n in weight.node_inputs(weight.output))
 
 
 def compile_circuit(circuit, spec, *, semiring: str = "complex-lse-sum", fold: bool = True,
-                    optimize: bool = True):
+                    optimize: bool = True, others=()):
     """Compile a symbolic cirkit circuit with its Kronecker sum layers approximated as a layerzip
-    spec says, e.g. ``{"rules": [{"targets": ["SumLayer"], "method": "nystrom", "params":
-    {"rank": 16, "pivots": "leverage"}}]}``. Returns (compiled circuit, {"replaced", "kept"}).
-
-    Circuits have no layer names, so a rule targets the class ``SumLayer`` (every arity-1 sum
-    layer whose weight is a Kronecker product); errors name the rule and the field."""
+    spec says (see :func:`plan_circuit`), e.g. ``{"rules": [{"targets": ["SumLayer"], "ignore":
+    ["sum.1048"], "method": "nystrom", "params": {"rank": 16, "pivots": "leverage"}}]}``.
+    ``others`` are more symbolic circuits compiled in the same pipeline (sharing parameters),
+    such as the integral giving log Z. Returns ([compiled circuit, *compiled others],
+    {"replaced", "kept"} counts, the plan)."""
     _require_cirkit()
     from cirkit.pipeline import PipelineContext
 
     spec = layerzip.Spec.parse(spec)
-    if len(spec.rules) != 1:
-        raise layerzip.SpecError(f"circuits take one rule (targets: [SumLayer]); got "
-                                 f"{len(spec.rules)} — rule 1 could never match")
-    rule = spec.rules[0]
-    bad = [t for t in rule.targets if t not in CIRCUIT_TARGETS]
-    if bad or rule.ignore:
-        raise layerzip.SpecError(f"rule 0, field {'targets' if bad else 'ignore'}: circuit layers "
-                                 f"have no names; use targets: [SumLayer] and no ignore "
-                                 f"(got {bad or rule.ignore})")
-    if rule.method != "nystrom":
-        raise layerzip.SpecError(f"rule 0, field 'method': circuits support 'nystrom', got "
-                                 f"{rule.method!r}")
-    params = layerzip.validate_params(layerzip.get_approximator("nystrom"), rule.params,
-                                      "rule 0, params")
-    if params.selection != "sample" or params.replace:
-        raise layerzip.SpecError("rule 0, params: circuits sample pivots without replacement "
-                                 "(selection: sample, replace: false)")
-    with nystrom_sum_layers(params.rank, params.pivots, seed=spec.seed, rcond=params.rcond,
-                            middle=params.middle) as counts:
+    plan = plan_circuit(circuit, spec)
+    # The integral of a circuit (log Z) is a new symbolic circuit whose layers are copies that
+    # reference the same parameter tensors: match layers by the tensors their factors point to.
+    chosen = {_factor_key(layer.module): layer.rule.params for layer in plan.layers}
+
+    def choose(sl):
+        p = chosen.get(_factor_key(sl))
+        if p is None:
+            return None
+        return {"rank": p.rank, "pivots": p.pivots, "seed": spec.seed, "rcond": p.rcond,
+                "middle": p.middle}
+
+    with _sum_layer_rule(choose) as counts:
         ctx = PipelineContext(backend="torch", semiring=semiring, fold=fold, optimize=optimize)
-        compiled = ctx.compile(circuit)
-    if spec.strict and counts["replaced"] == 0:
-        raise layerzip.SpecError("rule 0 (method 'nystrom') matched no layer: the circuit has no "
-                                 "Kronecker sum layers (square it with "
-                                 "cirkit.symbolic.functional.multiply first)")
-    return compiled, dict(counts)
+        compiled = [ctx.compile(c) for c in (circuit, *others)]
+    return compiled, dict(counts), plan
 
 
-__all__ = ["NystromSumLayer", "compile_circuit", "nystrom_sum_layers"]
+__all__ = ["CirkitSumLayerAdapter", "NystromSumLayer", "SymbolicCircuitLayers", "compile_circuit",
+           "is_kronecker_sum_layer", "nystrom_sum_layers", "plan_circuit"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+import layerzip
 from layerzip import WeightView
 
 
@@ -44,3 +45,16 @@ class KroneckerWeightView(WeightView):
         na = torch.linalg.vector_norm(self.a.float(), dim=1)
         nb = torch.linalg.vector_norm(self.b.float(), dim=1)
         return (na[:, None] * nb[None, :]).reshape(-1)
+
+
+class SymbolicKroneckerView(WeightView):
+    """The shape of W = A ⊗ B for a layer that has no values yet (a symbolic cirkit circuit's sum
+    layer before compilation): enough to plan, with A (m1 × n1) and B (m2 × n2) shapes."""
+
+    def __init__(self, a_shape: tuple[int, int], b_shape: tuple[int, int]):
+        (m1, n1), (m2, n2) = a_shape, b_shape
+        super().__init__(m1 * m2, n1 * n2, structure={"kronecker_shapes": (a_shape, b_shape)})
+
+    def dense(self, dtype=torch.float32) -> Tensor:
+        raise layerzip.LayerzipError("a symbolic circuit layer has no weight values until it is "
+                                     "compiled; compile it (layerzip_nystrom.compile_circuit)")
