@@ -36,7 +36,7 @@ def test_prefill(benchmark, backend, shape):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
-@pytest.mark.parametrize("backend", ["torch", "triton", "splitk"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "splitk", "triton_decode"])
 @pytest.mark.parametrize("shape", DECODE, ids=lambda s: "T{}_{}x{}_r{}".format(*s))
 def test_decode(benchmark, backend, graphs, shape):
     t, n, m, r = shape

@@ -213,6 +213,28 @@ class TritonBackend(TritonKernelBackend):
         return lowrank_fused(x, u, v, bias)
 
 
+class TritonDecodeBackend(TritonKernelBackend):
+    """Decode (≤ 64 rows): one persistent Triton launch, split-K first GEMM with atomics into an
+    fp32 h in L2, a grid barrier, then the second GEMM over all SMs (see decode_kernel.py)."""
+
+    op = OP
+    name = "triton_decode"
+    gpu_priority = -5  # 'autotune' measures it against the others; plain 'auto' keeps torch
+    description = "persistent split-K Triton kernel for ≤ 64 rows (decode), one launch; " \
+                  "inference only"
+
+    def supports(self, x):
+        from .decode_kernel import MAX_ROWS
+
+        return super().supports(x) and x.dtype in (torch.float16, torch.bfloat16) and \
+            x.numel() // max(x.shape[-1], 1) <= MAX_ROWS
+
+    def __call__(self, x, u, v, bias):
+        from .decode_kernel import lowrank_decode
+
+        return lowrank_decode(x, u, v, bias)
+
+
 class MeasuredBackend(Backend):
     """Per shape, times every other available backend once (CUDA events, median of a few runs)
     and uses the fastest from then on. The choice is cached per (device, dtype, T bucket, m, n,

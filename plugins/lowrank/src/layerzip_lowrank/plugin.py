@@ -12,6 +12,7 @@ from .backends import (
     TensorRTBackend,
     TorchBackend,
     TritonBackend,
+    TritonDecodeBackend,
 )
 from .methods import Adaptive, Rsvd, Svd
 
@@ -31,4 +32,5 @@ def register_backends(register):
     register(TensorRTBackend())
     register(TritonBackend())
     register(SplitKBackend())
+    register(TritonDecodeBackend())
     register(MeasuredBackend())

@@ -1,0 +1,76 @@
+"""Tile sizes of the decode kernel (triton_decode): time every configuration of a small grid,
+CUDA-graph captured, against dense cuBLAS of the same layer in the same process, and check each
+configuration's output against float64 (a fast wrong configuration is reported as wrong).
+
+    python benchmarks/lowrank_decode_tune.py --out benchmarks/results/lowrank_decode_tune
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from layerzip.bench import time_callable
+from layerzip_lowrank.decode_kernel import lowrank_decode, plan, _programs
+
+from lowrank_cases import graphed, make_case
+
+SHAPES = [(16, 4096, 11008, 256), (16, 4096, 4096, 256), (1, 4096, 11008, 256)]
+GRID = {"br": (32, 64), "kc": (128, 256, 512), "bn": (32, 64, 128), "bk2": (64, 128),
+        "warps": (4, 8)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/lowrank_decode_tune")
+    args = ap.parse_args()
+    rows = []
+    g = _programs(torch.device("cuda"))
+    for t, n, m, r in SHAPES:
+        x, w, u, v, b = make_case(t, n, m, r, torch.bfloat16, "cuda")
+        ref = (x.double() @ v.double()) @ u.double().t() + b.double()
+        with torch.no_grad():
+            dense = time_callable(graphed(lambda: F.linear(x, w, b)), rounds=200, warmup=20)
+        default = plan(t, n, m, r, g)
+        for values in itertools.product(*GRID.values()):
+            tiles = dict(zip(GRID, values, strict=True))
+            with torch.no_grad():
+                out = lowrank_decode(x, u, v, b, tiles=tiles)
+                err = float((out.double() - ref).norm() / ref.norm())
+                timing = time_callable(graphed(lambda tiles=tiles: lowrank_decode(
+                    x, u, v, b, tiles=tiles)), rounds=200, warmup=20)
+            rows.append({"shape": f"T={t} {n}→{m} r={r}", **tiles, "rel_error": err,
+                         "us": timing.median * 1e6, "dense_us": dense.median * 1e6,
+                         "speedup": dense.median / timing.median,
+                         "is_default": all(default[k.upper() if k != "warps" else k] == val
+                                           for k, val in tiles.items())})
+            print(json.dumps(rows[-1]), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(
+        {"command": "python benchmarks/lowrank_decode_tune.py", "gpu":
+         torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    lines = ["| shape | best tiles | best µs | speedup | default µs | default speedup | "
+             "dense µs |", "|---|---|---|---|---|---|---|"]
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        sel = [r for r in rows if r["shape"] == shape and r["rel_error"] < 1e-2]
+        best = min(sel, key=lambda r: r["us"])
+        dflt = next((r for r in sel if r["is_default"]), None)
+        lines.append(f"| {shape} | " + ", ".join(f"{k}={best[k]}" for k in GRID) +
+                     f" | {best['us']:.1f} | {best['speedup']:.2f}× | "
+                     f"{dflt['us'] if dflt else float('nan'):.1f} | "
+                     f"{dflt['speedup'] if dflt else float('nan'):.2f}× | "
+                     f"{best['dense_us']:.1f} |")
+    wrong = [r for r in rows if r["rel_error"] >= 1e-2]
+    lines.append(f"\n{len(rows)} configurations timed, {len(wrong)} wrong (rel. error ≥ 1e-2).")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

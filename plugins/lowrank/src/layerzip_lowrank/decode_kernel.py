@@ -1,0 +1,193 @@
+"""Low-rank forward for decode (a few rows): y = (x V) Uᵀ + b in one persistent Triton launch.
+
+At T ≤ 64 rows both GEMMs are pure weight streaming: V (n × r) and U (m × r) must be read at
+full bandwidth, and launches cost as much as the reads (cuBLAS's first GEMM, N = r, gets a
+handful of CTAs; two launches in a CUDA graph take 13–18 µs where the bytes need 3–5 µs).
+
+One program per SM, two phases separated by a grid-wide barrier:
+1. split-K over the input: work units (K chunk × r block) are spread over all programs; each
+   computes its partial h = x[:, chunk] V[chunk, rblock] in fp32 and adds it atomically into an
+   fp32 scratch h (T × r, in L2);
+2. after the barrier, output tiles of BN columns are spread over all programs: each reads h (from
+   L2, bypassing L1) and its U tile, adds the bias and writes y once.
+
+The barrier is an arrival counter that only grows (int64): a call adds 2·G to it for G
+programs (constant per device), so nothing needs resetting between calls and the kernel can be
+captured in a CUDA graph. Program tickets of a call's first arrival lie in [2eG, 2eG + G), so
+each waits for (ticket // G + 1)·G. After phase 2 every program arrives once more without
+waiting; the last one (ticket ≡ G − 1 mod G) zeroes h for the next call, which by stream order
+starts after this one has finished. Scratch is per (device, stream), so two streams never
+share it.
+
+All programs must be resident at once for the barrier: G = number of SMs, one small program each.
+Triton's CPU interpreter runs programs one after another, so there (and on request) the two
+phases run as two launches of the same kernel with h zeroed in between; the arithmetic is the
+same code and is tested against the torch reference in CI, the fused path on the GPU.
+
+Inference only (no autograd); bf16/fp16 inputs with T ≤ 64 rows.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+
+from layerzip import triton_interpreted
+
+MAX_ROWS = 64
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_kernel(
+        x_ptr, v_ptr, u_ptr, b_ptr, h_ptr, y_ptr, sync_ptr,
+        T, N_IN, M_OUT, R, N_RB, N_UNITS, N_TILES, G,
+        sxt, sxn, svn, svr, sum_, sur, syt, sym,
+        HAS_BIAS: tl.constexpr, PHASE: tl.constexpr, BT: tl.constexpr, KC: tl.constexpr,
+        BR: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr, RP: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows = tl.arange(0, BT)
+        rmask = rows < T
+        if PHASE != 2:
+            # phase 1: h += x[:, chunk] @ V[chunk, rblock], one work unit at a time
+            for unit in range(pid, N_UNITS, G):
+                kc = unit // N_RB
+                rb = unit % N_RB
+                ks = kc * KC + tl.arange(0, KC)
+                rs = rb * BR + tl.arange(0, BR)
+                xt = tl.load(x_ptr + rows[:, None] * sxt + ks[None, :] * sxn,
+                             mask=rmask[:, None] & (ks[None, :] < N_IN), other=0.0)
+                vt = tl.load(v_ptr + ks[:, None] * svn + rs[None, :] * svr,
+                             mask=(ks[:, None] < N_IN) & (rs[None, :] < R), other=0.0)
+                part = tl.dot(xt, vt)
+                tl.atomic_add(h_ptr + rows[:, None] * RP + rs[None, :], part,
+                              mask=rmask[:, None] & (rs[None, :] < R), sem="relaxed")
+        if PHASE == 0:
+            # grid barrier: arrive (release: this program's atomics above are visible), then
+            # wait until all G programs of this call have arrived (acquire)
+            ticket = tl.atomic_add(sync_ptr, 1, sem="acq_rel")
+            target = (ticket // G + 1) * G
+            while tl.atomic_add(sync_ptr, 0, sem="acquire") < target:
+                pass
+        if PHASE != 1:
+            # phase 2: y[:, tile] = h @ U[tile, :]ᵀ + b[tile]
+            for tile in range(pid, N_TILES, G):
+                cols = tile * BN + tl.arange(0, BN)
+                cmask = cols < M_OUT
+                acc = tl.zeros((BT, BN), dtype=tl.float32)
+                for k0 in range(0, R, BK2):
+                    ks = k0 + tl.arange(0, BK2)
+                    ht = tl.load(h_ptr + rows[:, None] * RP + ks[None, :],
+                                 mask=rmask[:, None] & (ks[None, :] < R), other=0.0,
+                                 cache_modifier=".cg")  # written by other SMs: skip L1
+                    ut = tl.load(u_ptr + cols[None, :] * sum_ + ks[:, None] * sur,
+                                 mask=cmask[None, :] & (ks[:, None] < R), other=0.0)
+                    acc = tl.dot(ht.to(ut.dtype), ut, acc)
+                if HAS_BIAS:
+                    acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                tl.store(y_ptr + rows[:, None] * syt + cols[None, :] * sym,
+                         acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+        if PHASE == 0:
+            # done reading h: the last program to arrive zeroes it for the next call (no one
+            # waits here; kernel completion orders the stores before the next launch)
+            done = tl.atomic_add(sync_ptr, 1, sem="acq_rel")
+            if done % G == G - 1:
+                zs = tl.arange(0, RP)
+                for t in range(0, BT):
+                    tl.store(h_ptr + t * RP + zs, tl.zeros((RP,), dtype=tl.float32))
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _clamp_pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, _next_pow2(max(1, n))))
+
+
+_scratch: dict = {}
+_retired: list = []
+
+
+@functools.lru_cache(maxsize=None)
+def _programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few programs exercise the grid-stride loops
+
+
+def _scratch_for(device: torch.device, bt: int, rp: int, g: int, fused: bool):
+    """(h: bt × rp fp32, counter: int64) for this device and current stream, zeroed once (the
+    fused kernel leaves h zeroed). The two-launch path zeroes h itself, so it never shares the
+    fused path's."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream, g, fused)
+    h, counter = _scratch.get(key, (None, None))
+    if h is None or h.numel() < bt * rp:
+        if h is not None:  # CUDA graphs captured earlier still point at the old ones
+            _retired.append((h, counter))
+        h = torch.zeros(bt * rp, device=device, dtype=torch.float32)
+        counter = torch.zeros(1, device=device, dtype=torch.int64)
+        _scratch[key] = (h, counter)
+    return h, counter
+
+
+@functools.lru_cache(maxsize=1024)
+def plan(t: int, n: int, m: int, r: int, g: int, br: int = 0, kc: int = 0, bn: int = 0,
+         bk2: int = 0, warps: int = 4) -> dict:
+    """Tile sizes for T = t rows: about one phase-1 unit and one phase-2 tile per program.
+    Nonzero br/kc/bn/bk2 override the heuristic (benchmarks/lowrank_decode_tune.py)."""
+    # measured on the H100 (benchmarks/results/lowrank_decode_tune.md): r blocks of 64 and
+    # about one phase-1 unit per program
+    br = br or _clamp_pow2(r, 16, 64)
+    n_rb = triton.cdiv(r, br)
+    kc = kc or _clamp_pow2(triton.cdiv(n * n_rb, g), 32, 512)
+    bn = bn or _clamp_pow2(triton.cdiv(m, g), 32, 128)
+    bk2 = bk2 or min(64, _clamp_pow2(r, 16, 64))
+    return {"BT": max(16, _next_pow2(t)), "KC": kc, "BR": br, "BN": bn, "BK2": bk2,
+            "RP": max(16, _next_pow2(r)), "N_RB": n_rb, "N_UNITS": triton.cdiv(n, kc) * n_rb,
+            "N_TILES": triton.cdiv(m, bn), "warps": warps}
+
+
+def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                   bias: torch.Tensor | None, *, fused: bool | None = None,
+                   tiles: dict | None = None) -> torch.Tensor:
+    """y = (x @ v) @ uᵀ + bias for x with at most 64 rows (over its last dimension). ``fused``
+    (default: on a GPU) runs both phases in one launch with a grid barrier; otherwise two.
+    ``tiles`` overrides tile sizes ({"br", "kc", "bn", "bk2", "warps"}; for tuning)."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    t, n = x2.shape
+    m, r = u.shape
+    if t > MAX_ROWS:
+        raise ValueError(f"lowrank_decode takes at most {MAX_ROWS} rows, got {t}")
+    if fused is None:
+        fused = x.device.type == "cuda" and not triton_interpreted()
+    g = _programs(x.device)
+    p = plan(t, n, m, r, g, **(tiles or {}))
+    h, counter = _scratch_for(x.device, p["BT"], p["RP"], g, fused)
+    y = torch.empty((t, m), device=x.device, dtype=x.dtype)
+    args = (x2, v, u, bias if bias is not None else y, h, y, counter,
+            t, n, m, r, p["N_RB"], p["N_UNITS"], p["N_TILES"], g,
+            x2.stride(0), x2.stride(1), v.stride(0), v.stride(1), u.stride(0), u.stride(1),
+            y.stride(0), y.stride(1))
+    meta = {k: p[k] for k in ("BT", "KC", "BR", "BN", "BK2", "RP")}
+    if fused:
+        _decode_kernel[(g,)](*args, HAS_BIAS=bias is not None, PHASE=0, **meta,
+                             num_warps=p["warps"])
+    else:
+        h[: p["BT"] * p["RP"]].zero_()
+        for phase in (1, 2):
+            _decode_kernel[(g,)](*args, HAS_BIAS=bias is not None, PHASE=phase, **meta,
+                                 num_warps=p["warps"])
+    return y.reshape(*lead, m)

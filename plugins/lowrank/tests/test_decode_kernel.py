@@ -1,0 +1,91 @@
+"""The decode kernel (persistent, split-K, grid barrier) against the plain-torch reference. On the
+CPU it runs through Triton's interpreter as two launches (the interpreter runs programs one
+after another, so a grid barrier cannot be crossed there); on a GPU both the fused one-launch
+path and the two-launch path run, eagerly and replayed from a CUDA graph."""
+
+import pytest
+import torch
+
+from layerzip.testing import triton_test_device
+from layerzip_lowrank.backends import TritonDecodeBackend, lowrank_matmul_reference
+from layerzip_lowrank.decode_kernel import lowrank_decode
+
+DEVICE = triton_test_device()
+ON_GPU = DEVICE == "cuda"
+FUSED = [False, True] if ON_GPU else [False]
+DTYPES = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]  # interpreter: no bf16
+
+
+def case(t, n, m, r, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, n, generator=g).to(DEVICE, dtype)
+    u = (torch.randn(m, r, generator=g) / r ** 0.5).to(DEVICE, dtype)
+    v = (torch.randn(n, r, generator=g) / n ** 0.5).to(DEVICE, dtype)
+    b = torch.randn(m, generator=g).to(DEVICE, dtype) if bias else None
+    return x, u, v, b
+
+
+def rel_error(out, x, u, v, b):
+    ref = lowrank_matmul_reference(x.double(), u.double(), v.double(),
+                                   None if b is None else b.double())
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("fused", FUSED)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,n,m,r,bias", [
+    (1, 96, 80, 24, True),     # one row; r not a power of two
+    (5, 200, 72, 40, False),   # nothing a multiple of a tile
+    (16, 256, 256, 64, True),
+    (64, 128, 48, 16, True),   # the most rows it takes
+])
+def test_matches_reference(fused, dtype, t, n, m, r, bias):
+    x, u, v, b = case(t, n, m, r, dtype, bias, seed=t + n)
+    out = lowrank_decode(x, u, v, b, fused=fused)
+    assert out.shape == (t, m) and out.dtype == dtype
+    assert rel_error(out, x, u, v, b) < 1e-2  # h is rounded to the input dtype, as in torch
+
+
+@pytest.mark.parametrize("fused", FUSED)
+def test_repeated_calls_and_shapes_reuse_the_scratch_correctly(fused):
+    # the fused path alternates scratch buffers by epoch: every call must be right, across
+    # different layers (shapes) sharing the scratch
+    for i in range(5):
+        for shape in ((4, 96, 64, 32), (16, 128, 200, 16)):
+            x, u, v, b = case(*shape, torch.float16, seed=i)
+            assert rel_error(lowrank_decode(x, u, v, b, fused=fused), x, u, v, b) < 1e-2
+
+
+def test_leading_dimensions_and_strided_factors():
+    x = torch.randn(2, 3, 64, device=DEVICE).half()
+    u = torch.randn(40, 50, device=DEVICE).half()[:, :16]   # non-contiguous view
+    v = torch.randn(16, 64, device=DEVICE).half().t()       # transposed storage
+    out = lowrank_decode(x, u, v, None)
+    assert out.shape == (2, 3, 40)
+    assert rel_error(out.reshape(6, 40), x.reshape(6, 64), u, v, None) < 1e-2
+
+
+def test_backend_declines_what_it_cannot_run():
+    be = TritonDecodeBackend()
+    assert be.supports(torch.zeros(64, 8, device=DEVICE, dtype=torch.float16))
+    assert not be.supports(torch.zeros(65, 8, device=DEVICE, dtype=torch.float16))  # prefill
+    assert not be.supports(torch.zeros(4, 8, device=DEVICE))  # float32
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        lowrank_decode(*case(65, 32, 32, 16, torch.float16))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_fused_kernel_replays_from_a_cuda_graph():
+    x, u, v, b = case(16, 512, 384, 64, torch.bfloat16)
+    static_x = x.clone()
+    lowrank_decode(static_x, u, v, b)  # compile outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = lowrank_decode(static_x, u, v, b)
+    for seed in range(6):  # both scratch buffers, several epochs
+        static_x.copy_(torch.randn(16, 512, generator=torch.Generator().manual_seed(seed)
+                                   ).to(DEVICE, torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_error(out, static_x, u, v, b) < 1e-2
