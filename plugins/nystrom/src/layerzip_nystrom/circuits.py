@@ -207,12 +207,14 @@ class CirkitMnist(layerzip.ModelSource):
         copy_parameters(c, n)
         _, held = self.digits()
         dims = held.shape[1]
-        t0 = time.perf_counter()
         with torch.no_grad():
             exact_lp = log_likelihood(c, cz, held)
-            approx_lp = log_likelihood(n, nz, held)  # chooses the pivots from trained A, B
+            t0 = time.perf_counter()
+            n(held[:1])  # the first forward chooses the pivots and forms C, U·R: the "fit"
+            nz()
+            fit_seconds = time.perf_counter() - t0
+            approx_lp = log_likelihood(n, nz, held)
             exact_z, approx_z = float(cz().real.flatten()[0]), float(nz().real.flatten()[0])
-        fit_seconds = time.perf_counter() - t0
         batch = held[: self.timing_batch]
         with torch.no_grad():
             t_exact = time_callable(lambda: c(batch), rounds=5, warmup=1,
