@@ -13,7 +13,8 @@ COLUMNS = [("case", "{}"), ("backend", "{}"), ("graphs", "{}"), ("dense_ms", "{:
            ("lowrank_ms", "{:.4f}"), ("speedup", "{:.2f}×"), ("flop_ratio", "{:.2f}×"),
            ("byte_ratio", "{:.2f}×"), ("efficiency_flops", "{:.0%}"),
            ("efficiency_bytes", "{:.0%}"), ("lowrank_tflops", "{:.0f}"),
-           ("kernel_rel_error", "{:.1e}")]
+           ("dense_backward_ms", "{:.4f}"), ("kron_backward_ms", "{:.4f}"),
+           ("backward_speedup", "{:.2f}×"), ("kernel_rel_error", "{:.1e}")]
 
 
 def rows_of(data: dict) -> list[dict]:

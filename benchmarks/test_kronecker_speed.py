@@ -58,6 +58,55 @@ def test_kron_forward(benchmark, case, backend):
         "kernel_rel_error": float((out - ref).norm() / ref.norm())})
 
 
+BACKWARD_CASES = [c for c in CASES if c[4] == 0.0][:2] + [CASES[3]]  # r=1, r=4, GPT-2 shape
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: "T{}_{}x{}_r{}".format(
+    c[0], c[1][0] * c[2][0], c[1][1] * c[2][1], c[3]))
+def test_kron_backward(benchmark, case, backend):
+    """Training step cost: forward + backward (gradients for x and every weight) against the
+    dense layer's (dX = dY W, dW = dYᵀ X), and the backward alone (the difference)."""
+    t, f1, f2, r, frac = case
+    x, a, b, idx, val, w = build(t, f1, f2, r, frac, "cuda", torch.bfloat16)
+    be = layerzip.get_backend("kron_matmul", backend)
+    x.requires_grad_(True)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    w.requires_grad_(True)
+    dy = torch.randn(t, w.shape[0], device="cuda", dtype=torch.bfloat16)
+
+    def dense_step():
+        return torch.autograd.grad(x @ w.t(), (x, w), dy)
+
+    def kron_step():
+        return torch.autograd.grad(be(x, a, b, None, None, None), (x, a, b), dy)
+
+    kron_step()  # autotune outside the timing
+    with torch.no_grad():
+        dense_fwd = time_callable(lambda: x @ w.t(), rounds=30, warmup=5)
+        kron_fwd = time_callable(lambda: be(x, a, b, None, None, None), rounds=30, warmup=5)
+    dense = time_callable(dense_step, rounds=30, warmup=5)
+    kron = time_callable(kron_step, rounds=30, warmup=5)
+    # gradients against float64 autograd of the materialized layer
+    xd = x.detach().double().requires_grad_(True)
+    ad, bd = a.detach().double().requires_grad_(True), b.detach().double().requires_grad_(True)
+    ref = torch.autograd.grad(kron_matmul_reference(xd, ad, bd, None, None, None), (xd, ad, bd),
+                              dy.double())
+    got = kron_step()
+    errs = [float((g.double() - rg).norm() / rg.norm()) for g, rg in zip(got, ref, strict=True)]
+    pedantic(benchmark, kron_step, rounds=10)
+    dense_bwd, kron_bwd = dense.median - dense_fwd.median, kron.median - kron_fwd.median
+    benchmark.extra_info.update({
+        "T": t, "n": w.shape[1], "m": w.shape[0], "r": r, "backend": backend,
+        "dense_ms": dense.median * 1e3, "lowrank_ms": kron.median * 1e3,
+        "speedup": dense.median / kron.median,
+        "dense_backward_ms": dense_bwd * 1e3, "kron_backward_ms": kron_bwd * 1e3,
+        "backward_speedup": dense_bwd / kron_bwd,
+        "kernel_rel_error": max(errs)})
+
+
 def test_cpu_smoke(benchmark):
     x, a, b, idx, val, w = build(32, (8, 8), (8, 8), 2, 0.01, "cpu", torch.float32)
     out = kron_matmul_reference(x, a, b, idx, val, None)
