@@ -70,6 +70,8 @@ def test_plan_and_compress_go_through_the_source(toy_source, tmp_path, capsys):
 def test_source_errors_are_clear(toy_source, capsys):
     assert main(["compress", "--model", "toy-built", "--calib", "x.txt"]) == 1
     assert "--calib is for causal LMs" in capsys.readouterr().err
+    assert main(["compress", "--model", "toy-built", "--window", "64", "--eval-windows", "2"]) == 1
+    assert "--window, --eval-windows are for causal LMs" in capsys.readouterr().err
     assert main(["eval", "--model", "toy-built"]) == 1
     assert "works with 'layerzip plan' and 'layerzip compress' only" in capsys.readouterr().err
     assert main(["eval", "--model", "no-such-model"]) == 1

@@ -18,6 +18,8 @@ from .errors import LayerzipError
 console = Console() if sys.stdout.isatty() else Console(width=160)
 DEFAULT_MODEL = "smollm2"
 DEFAULT_OUT = "layerzip-out"
+#: compress options that only mean something for causal LMs (a model source brings its own data)
+LM_DEFAULTS = {"calib": None, "window": 256, "calib_windows": 8, "eval_windows": 8}
 MODEL_HELP = (f"a built-in name (default {DEFAULT_MODEL}), a local Hugging Face directory, or a "
               "model a plugin provides ('layerzip plugins' lists them)")
 
@@ -69,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     s.add_argument("--calib", help="calibration text file (default: pydoc_data.topics text)")
     s.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
-    s.add_argument("--window", type=int, default=256, help="tokens per calibration window")
-    s.add_argument("--calib-windows", type=int, default=8)
-    s.add_argument("--eval-windows", type=int, default=8,
+    s.add_argument("--window", type=int, default=LM_DEFAULTS["window"],
+                   help="tokens per calibration window")
+    s.add_argument("--calib-windows", type=int, default=LM_DEFAULTS["calib_windows"])
+    s.add_argument("--eval-windows", type=int, default=LM_DEFAULTS["eval_windows"],
                    help="held-out windows for perplexity (0 to skip)")
     s.add_argument("--report-json", help="also write the report as JSON here")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -228,10 +231,11 @@ def cmd_compress(args) -> int:
 
 
 def _compress_source(args, source) -> int:
-    lm_only = [f"--{k.replace('_', '-')}" for k in ("calib",) if getattr(args, k)]
+    lm_only = [f"--{k.replace('_', '-')}" for k, default in LM_DEFAULTS.items()
+               if getattr(args, k) != default]
     if lm_only:
-        raise LayerzipError(f"{', '.join(lm_only)} is for causal LMs; model {source.name!r} "
-                            "brings its own data")
+        raise LayerzipError(f"{', '.join(lm_only)} {'is' if len(lm_only) == 1 else 'are'} for "
+                            f"causal LMs; model {source.name!r} brings its own data")
     outcome = source.compress(_spec_for(args, source), args.out,
                               progress=False if args.quiet else None)
     console.print(outcome.report.to_table(max_rows=40))
