@@ -76,6 +76,8 @@ class Plan:
 
 def plan(model: nn.Module, spec, registry: Registry | None = None) -> Plan:
     """Match every module of ``model`` against ``spec`` (a Spec, dict, or YAML/JSON path/text).
+    ``model`` is an nn.Module, or anything with an nn.Module-like ``named_modules()`` whose
+    layers some adapter accepts (a plugin's symbolic graph, e.g. a cirkit circuit's layers).
 
     Only modules some adapter accepts are candidates; the first rule whose targets match (and
     whose ignore does not) wins. A rule that matches no candidate is a SpecError when the spec

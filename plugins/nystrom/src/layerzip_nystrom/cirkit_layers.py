@@ -277,14 +277,12 @@ class SymbolicCircuitLayers:
 
     def __init__(self, circuit):
         self.circuit = circuit
-        self.names: dict[int, str] = {}
         self._layers = []
         counts: dict[str, int] = {}
         for layer in circuit.topological_ordering():
             kind = _kind(layer)
             name = f"{kind}.{counts.get(kind, 0)}"
             counts[kind] = counts.get(kind, 0) + 1
-            self.names[id(layer)] = name
             self._layers.append((name, layer))
 
     def named_modules(self):
