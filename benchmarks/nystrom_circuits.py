@@ -349,6 +349,8 @@ def plots(rows, stem: Path) -> None:
     plt.close(fig)
 
     grid = [r for r in rows if r["circuit"] == "speed_grid"]
+    grid = [r for r in grid if r.get("device", "cpu") == grid[0].get("device", "cpu")] if grid \
+        else grid  # one device per heatmap (the first one's rows)
     if grid or any(r["circuit"] == "memory" for r in rows):
         ks = sorted({r["K"] for r in grid})
         ss = sorted({r["rank"] for r in grid})
@@ -405,7 +407,15 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (speed_grid and memory)")
     ap.add_argument("--middle", default="intersection", choices=["intersection", "optimal"])
     ap.add_argument("--wandb", action="store_true", help="log rows to wandb (offline mode)")
+    ap.add_argument("--plot-from", nargs="+", metavar="JSON",
+                    help="run nothing: draw the plots at --out from the rows of these result "
+                         "files together (e.g. the CPU, classifier and GPU runs)")
     args = ap.parse_args()
+    if args.plot_from:
+        rows = [r for f in args.plot_from for r in json.loads(Path(f).read_text())["rows"]]
+        plots(rows, Path(args.out))
+        print(f"plotted {len(rows)} rows from {len(args.plot_from)} files at {args.out}_*.png")
+        return
     global MIDDLE, DEVICE
     MIDDLE = args.middle
     DEVICE = torch.device(args.device)
