@@ -8,6 +8,7 @@ from torch import nn
 
 import layerzip
 from layerzip.cli import main
+from layerzip.testing import ModelSourcePlugin
 
 
 class Toy(layerzip.ModelSource):
@@ -35,19 +36,10 @@ class Toy(layerzip.ModelSource):
             [f"{len(plan.layers)} layers planned"])
 
 
-class ToySourcePlugin:
-    def __init__(self, source):
-        self.source = source
-
-    @layerzip.hookimpl
-    def register_model_sources(self, register):
-        register(self.source)
-
-
 @pytest.fixture
 def toy_source(register_plugin, toy):
     source = Toy()
-    info = register_plugin(ToySourcePlugin(source), "toy-sources")
+    info = register_plugin(ModelSourcePlugin(source), "toy-sources")
     assert info.error is None, info.error
     return source
 
@@ -82,7 +74,7 @@ def test_a_source_may_not_shadow_a_built_in(register_plugin):
     class Shadow(Toy):
         name = "smollm2"
 
-    info = register_plugin(ToySourcePlugin(Shadow()), "shadow")
+    info = register_plugin(ModelSourcePlugin(Shadow()), "shadow")
     assert info.error and "built-in model name" in info.error
     assert layerzip.get_registry().model_source("smollm2") is None
 

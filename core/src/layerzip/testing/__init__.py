@@ -27,11 +27,12 @@ from torch import nn
 from ..approximator import ApproxModule
 from ..checkpoint import load, save
 from ..errors import PluginError, SpecError
+from ..hookspecs import hookimpl
 from ..planning import plan
 from ..plugins import get_registry
 from ..walker import compress
 
-__all__ = ["ApproximatorConformance", "SingleLayer", "decaying_weight", "registered_plugin",
+__all__ = ["ApproximatorConformance", "ModelSourcePlugin", "SingleLayer", "decaying_weight", "registered_plugin",
            "calibration_batches", "triton_test_device"]
 
 
@@ -66,6 +67,19 @@ def registered_plugin(plugin: object, name: str | None = None):
         yield info
     finally:
         reg.remove(name)
+
+
+class ModelSourcePlugin:
+    """A plugin object registering the given :class:`layerzip.ModelSource` instances, for tests:
+    ``register_plugin(ModelSourcePlugin(MySource()), "name")``."""
+
+    def __init__(self, *sources):
+        self.sources = sources
+
+    @hookimpl
+    def register_model_sources(self, register):
+        for source in self.sources:
+            register(source)
 
 
 class SingleLayer(nn.Module):

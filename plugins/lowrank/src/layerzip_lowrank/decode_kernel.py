@@ -41,6 +41,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from layerzip import triton_interpreted
 
+from .triton_kernel import _next_pow2
+
 MAX_ROWS = 64
 
 if triton is not None:
@@ -103,10 +105,6 @@ if triton is not None:
                 zs = tl.arange(0, RP)
                 for t in range(0, BT):
                     tl.store(h_ptr + t * RP + zs, tl.zeros((RP,), dtype=tl.float32))
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _clamp_pow2(n: int, lo: int, hi: int) -> int:
