@@ -14,10 +14,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from layerzip.bench import time_callable
-from layerzip_lowrank.decode_kernel import lowrank_decode, plan, _programs
-
+from layerzip_lowrank.decode_kernel import _programs, lowrank_decode, plan
 from lowrank_cases import graphed, make_case
 
 SHAPES = [(16, 4096, 11008, 256), (16, 4096, 4096, 256), (1, 4096, 11008, 256)]
@@ -35,15 +33,17 @@ def main() -> None:
         x, w, u, v, b = make_case(t, n, m, r, torch.bfloat16, "cuda")
         ref = (x.double() @ v.double()) @ u.double().t() + b.double()
         with torch.no_grad():
-            dense = time_callable(graphed(lambda: F.linear(x, w, b)), rounds=200, warmup=20)
+            dense = time_callable(graphed(lambda x=x, w=w, b=b: F.linear(x, w, b)), rounds=200,
+                                  warmup=20)
         default = plan(t, n, m, r, g)
         for values in itertools.product(*GRID.values()):
             tiles = dict(zip(GRID, values, strict=True))
             with torch.no_grad():
                 out = lowrank_decode(x, u, v, b, tiles=tiles)
                 err = float((out.double() - ref).norm() / ref.norm())
-                timing = time_callable(graphed(lambda tiles=tiles: lowrank_decode(
-                    x, u, v, b, tiles=tiles)), rounds=200, warmup=20)
+                timing = time_callable(graphed(lambda x=x, u=u, v=v, b=b, tiles=tiles:
+                                               lowrank_decode(x, u, v, b, tiles=tiles)),
+                                       rounds=200, warmup=20)
             rows.append({"shape": f"T={t} {n}→{m} r={r}", **tiles, "rel_error": err,
                          "us": timing.median * 1e6, "dense_us": dense.median * 1e6,
                          "speedup": dense.median / timing.median,
@@ -55,8 +55,8 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(
         {"command": "python benchmarks/lowrank_decode_tune.py", "gpu":
          torch.cuda.get_device_name(), "rows": rows}, indent=1))
-    lines = ["| shape | best tiles | best µs | speedup | default µs | default speedup | "
-             "dense µs |", "|---|---|---|---|---|---|---|"]
+    lines = [("| shape | best tiles | best µs | speedup | default µs | default speedup | "
+              "dense µs |"), "|---|---|---|---|---|---|---|"]
     for shape in dict.fromkeys(r["shape"] for r in rows):
         sel = [r for r in rows if r["shape"] == shape and r["rel_error"] < 1e-2]
         best = min(sel, key=lambda r: r["us"])

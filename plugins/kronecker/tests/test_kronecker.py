@@ -149,3 +149,24 @@ def test_half_precision_residual():
     assert y.dtype == torch.bfloat16
     ref = x.double() @ m.dense_weight().double().t()  # the view had no bias
     assert float((y.double() - ref).norm() / ref.norm()) < 2e-2
+
+
+def test_residual_gradients_equal_the_dense_layers():
+    from layerzip_kronecker.module import kron_matmul_reference
+
+    g = torch.Generator().manual_seed(9)
+    m1, n1, m2, n2 = 3, 4, 5, 2
+    m, n = m1 * m2, n1 * n2
+    idx = torch.randperm(m * n, generator=g)[:17].sort().values.to(torch.int32)
+    a, b = (torch.randn(1, m1, n1, generator=g, dtype=torch.float64),
+            torch.randn(1, m2, n2, generator=g, dtype=torch.float64))
+    val = torch.randn(17, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(6, n, generator=g, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(6, m, generator=g, dtype=torch.float64)
+    gx, gv = torch.autograd.grad(kron_matmul_reference(x, a, b, idx, val, None), (x, val), dy)
+    w = kron_sum(a, b).clone()
+    w.view(-1).index_put_((idx.long(),), val, accumulate=True)   # the dense layer
+    x2, v2 = x.detach().requires_grad_(True), val
+    wx, wv = torch.autograd.grad(x2 @ w.t(), (x2, v2), dy)
+    torch.testing.assert_close(gx, wx)
+    torch.testing.assert_close(gv, wv)
