@@ -42,6 +42,7 @@ from .plugins import (
 from .report import LayerRow, Report
 from .sources import CompressOutcome, Metric, ModelSource
 from .spec import Rule, Spec, json_schema, validate_params
+from .triton_launch import LaunchCache
 from .views import DenseWeightView, WeightView
 from .walker import compress
 
@@ -49,7 +50,7 @@ __all__ = [
     "Approximator", "ApproxModule", "Backend", "CheckpointError", "CompressOutcome",
     "CompressionError", "Metric", "ModelSource", "TritonKernelBackend", "triton_interpreted",
     "Conv1DAdapter", "DenseWeightView", "Estimate", "FitContext", "LayerAdapter", "LayerRow",
-    "LayerStats", "LayerzipError", "LinearAdapter", "Params", "PivotStrategy", "Plan",
+    "LaunchCache", "LayerStats", "LayerzipError", "LinearAdapter", "Params", "PivotStrategy", "Plan",
     "PlannedLayer", "PluginError", "Registry", "Report", "Rule", "Spec", "SpecError",
     "WeightView", "__version__", "cache_dir", "call_model", "collect_stats", "compress", "get_approximator",
     "get_backend", "get_pivot_strategy", "get_registry", "hookimpl", "json_schema", "load",
