@@ -14,6 +14,7 @@ ON_GPU = DEVICE == "cuda"
 from layerzip_kschain.triton_kernel import factor_forward, ks_chain_triton  # noqa: E402
 
 PATTERNS = [Pattern(2, 3, 5, 4), Pattern(1, 16, 32, 2), Pattern(4, 2, 2, 1), Pattern(2, 20, 24, 3),
+            Pattern(2, 5, 3, 8), Pattern(1, 3, 2, 16),
             Pattern(1, 17, 16, 1)]
 if ON_GPU:
     PATTERNS += [Pattern(4, 64, 64, 16), Pattern(1, 256, 128, 8), Pattern(16, 128, 256, 1)]
