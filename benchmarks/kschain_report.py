@@ -44,7 +44,7 @@ def summary(rows: list[dict]) -> list[str]:
     fwd = [r for r in rows if r["kind"] == "factor_forward"]
     bmm = _same_layout_bmm(fwd)
     sel_b = [r for r in fwd if r["b"] >= 16]
-    for impl in ("triton", "triton_2d", "triton_bs_last"):
+    for impl in ("triton", "triton_2d", "triton_3d", "triton_bs_last"):
         sel = [r for r in sel_b if r["impl"] == impl]
         if not sel:
             continue
@@ -59,6 +59,13 @@ def summary(rows: list[dict]) -> list[str]:
                    f"(graph {gmed:.2f}×; target ≥ 1.4×: {'met' if med >= 1.4 else 'MISSED'}); "
                    f"median {med_d:.2f}× over dense at density ≤ 1/16 (graph {gmed_d:.2f}×; "
                    f"target ≥ 2×: {'met' if med_d >= 2 else 'MISSED'})")
+    hosts = {impl: statistics.median(r["host_us"] for r in fwd if r["impl"] == impl)
+             for impl in ("bmm", "bmm_bs_last", "triton", "triton_bs_last")
+             if any(r["impl"] == impl and "host_us" in r for r in fwd)}
+    if hosts:
+        out.append("- host time per call (CPU enqueue, median over patterns): " + ", ".join(
+            f"{impl} {us:.0f} µs" for impl, us in hosts.items()) + " — the floor of every "
+            "eager time: small factors are host-bound, which the graph columns remove")
     bwd = [r for r in rows if r["kind"] == "factor_fwd_bwd"]
     bwd_bmm = {(_pat(r), r["impl"].endswith("_bs_last")): r["kernel_ms"] for r in bwd
                if r["impl"] in ("bmm", "bmm_bs_last")}
@@ -82,7 +89,7 @@ def tables(rows: list[dict]) -> list[str]:
     out = []
     fwd = [r for r in rows if r["kind"] == "factor_forward"]
     bmm = _same_layout_bmm(fwd)
-    impls = ("bmm_bs_last", "triton", "triton_2d", "triton_bs_last")
+    impls = ("bmm_bs_last", "triton", "triton_2d", "triton_3d", "triton_bs_last")
     if fwd:
         out += ["## Per factor, forward (bf16, T = 8192)", "",
                 "Cells: eager ×dense / ×bmm (same layout) · graph ×dense / ×bmm.", "",
@@ -147,7 +154,7 @@ def plot(rows: list[dict], path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(bs), figsize=(5 * len(bs), 4), squeeze=False)
     for ax, b in zip(axes[0], bs):
-        for impl in ("bmm", "bmm_bs_last", "triton", "triton_2d", "triton_bs_last"):
+        for impl in ("bmm", "bmm_bs_last", "triton", "triton_2d", "triton_3d", "triton_bs_last"):
             sel = [r for r in fwd if r["b"] == b and r["impl"] == impl]
             if not sel:
                 continue
@@ -172,12 +179,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("json")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--made-by", default="SUITES=test_kschain_speed.py NAME=kschain_gpu bash "
+                    "benchmarks/device_run.sh", help="the command(s) that produced the JSON")
     args = ap.parse_args()
     rows, machine = load(args.json)
     gpu = machine.get("layerzip", {}).get("gpu") or machine.get("layerzip", {})
     text = ["# KS-chain kernels on the GPU", "",
-            "Made by `SUITES=test_kschain_speed.py NAME=kschain_gpu bash "
-            "benchmarks/device_run.sh` on the lent GPU (machine: " + json.dumps(gpu) + ").", ""]
+            f"Made by `{args.made_by}` on the lent GPU (machine: " + json.dumps(gpu) + ").", ""]
     text += summary(rows) + tables(rows)
     out = Path(args.out)
     out.with_suffix(".md").write_text("\n".join(text) + "\n")

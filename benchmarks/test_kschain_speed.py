@@ -8,6 +8,7 @@ Speedups are dense time / kernel time; the kernel error is against a float64 ref
 """
 
 import math
+import time
 
 import pytest
 import torch
@@ -31,8 +32,9 @@ FACTORS = [Pattern(a, b, b, d) for b in (16, 32, 64, 128, 256) for ad in (2, 4, 
            for a, d in _splits(ad)] + [Pattern(512, 2, 2, 4)]  # a dyadic butterfly factor
 BACKWARD = [Pattern(a, b, b, d) for b in (64, 256) for a, d in _splits(16)]
 IMPLS = ["bmm", "bmm_bs_last", "triton", "triton_bs_last"]
-# batch-first with the strided 2-D kernel instead of the 3-D one (for d ≥ MIN_D_3D)
-FWD_IMPLS = IMPLS + ["triton_2d"]
+# batch-first variants where 'triton' picks another kernel: triton_2d = the strided 2-D kernel
+# (for every d > 1), triton_3d = the batched-dot kernel instead of the split one (d = 4, 8)
+FWD_IMPLS = IMPLS + ["triton_2d", "triton_3d"]
 
 
 def graph_time(fn, rounds=20):
@@ -51,8 +53,23 @@ def graph_time(fn, rounds=20):
     return time_callable(graph.replay, rounds=rounds, warmup=3)
 
 
+def host_time(fn, calls=100):
+    """Seconds of host time per call, enqueueing ``calls`` calls without waiting for the GPU:
+    what a call costs the CPU, the floor of its eager time whatever the kernel."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return elapsed / calls
+
+
 def _impl(name):
-    be = layerzip.get_backend("ks_matmul", name.removesuffix("_bs_last").removesuffix("_2d"))
+    be = layerzip.get_backend("ks_matmul", name.removesuffix("_bs_last").removesuffix("_2d")
+                             .removesuffix("_3d"))
     return be, name.endswith("_bs_last")
 
 
@@ -69,9 +86,17 @@ def _pid(p):
     return f"a{p.a}_b{p.b}_c{p.c}_d{p.d}"
 
 
-# triton_2d only where 'triton' would run the 3-D kernel (d ≥ MIN_D_3D = 4)
-FWD_CASES = [(p, impl) for p in FACTORS for impl in FWD_IMPLS
-             if impl != "triton_2d" or p.d >= 4]
+def _runs_variant(p: Pattern, impl: str) -> bool:
+    from layerzip_kschain import triton_kernel as k
+
+    if impl == "triton_2d":
+        return p.d in k.SPLIT_D or p.d >= k.MIN_D_3D
+    if impl == "triton_3d":
+        return p.d in k.SPLIT_D and p.d >= k.MIN_D_3D
+    return True
+
+
+FWD_CASES = [(p, impl) for p in FACTORS for impl in FWD_IMPLS if _runs_variant(p, impl)]
 
 
 @pytest.mark.gpu
@@ -80,8 +105,9 @@ FWD_CASES = [(p, impl) for p in FACTORS for impl in FWD_IMPLS
 def test_ks_factor_forward(benchmark, p, impl, monkeypatch):
     from layerzip_kschain import triton_kernel
 
+    if impl in ("triton_2d", "triton_3d"):
+        monkeypatch.setattr(triton_kernel, "SPLIT_D", ())
     if impl == "triton_2d":
-        assert p.d >= triton_kernel.MIN_D_3D
         monkeypatch.setattr(triton_kernel, "MIN_D_3D", 1 << 30)
     w, x, dense_w = _inputs(p)
     be, batch_last = _impl(impl)
@@ -98,9 +124,11 @@ def test_ks_factor_forward(benchmark, p, impl, monkeypatch):
         g_dense = graph_time(lambda: x @ dense_w.t())
         g_bmm = graph_time(bmm_fn)  # bmm in the same layout
         g_kern = graph_time(fn)
+        host = host_time(fn)
         pedantic(benchmark, fn, rounds=5)
     benchmark.extra_info.update({
-        "kind": "factor_forward", "pattern": p.as_list(), "a": p.a, "b": p.b, "c": p.c, "d": p.d,
+        "kind": "factor_forward", "host_us": host * 1e6, "pattern": p.as_list(), "a": p.a,
+        "b": p.b, "c": p.c, "d": p.d,
         "density": p.density, "N": p.rows, "T": T, "impl": impl, "dense_ms": dense.median * 1e3,
         "bmm_ms": bmm_first.median * 1e3, "kernel_ms": kern.median * 1e3,
         "speedup_vs_dense": dense.median / kern.median,
