@@ -100,3 +100,32 @@ def test_cli_trains_with_the_triton_impl(tmp_path):
 def test_auto_keeps_bmm_unless_on_a_gpu():
     if not ON_GPU:
         assert layerzip.get_backend("ks_matmul").name == "bmm"
+
+
+@pytest.mark.parametrize("p, batch_last, kernel", [
+    (Pattern(2, 16, 16, 1), True, "_FWD_BL"), (Pattern(1, 16, 16, 16), True, "_FWD_BL"),
+    (Pattern(2, 16, 16, 1), False, "_FWD"), (Pattern(2, 16, 16, 3), False, "_FWD"),
+    (Pattern(1, 16, 16, 2), False, "_FWD_SPLIT"), (Pattern(2, 16, 16, 8), False, "_FWD_SPLIT"),
+    (Pattern(1, 16, 16, 16), False, "_FWD_3D")], ids=str)
+def test_each_layout_and_d_runs_its_kernel(p, batch_last, kernel, monkeypatch):
+    """The dispatch of factor_forward (module docstring of triton_kernel): which launch runs."""
+    from layerzip_kschain import triton_kernel as k
+
+    names = ("_FWD", "_FWD_BL", "_FWD_SPLIT", "_FWD_3D")
+    calls = []
+    for name in names:
+        launch = getattr(k, name)
+        monkeypatch.setattr(k, name, lambda grid, *a, _n=name, _l=launch, **kw:
+                            calls.append(_n) or _l(grid, *a, **kw))
+    # 16-bit on a GPU (where the split kernel is for 16-bit only), fp32 in the interpreter
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    x = torch.randn(19, p.cols, device=DEVICE, dtype=dtype)
+    x = x.t().contiguous() if batch_last else x
+    w = torch.randn(p.num_blocks, p.b, p.c, device=DEVICE, dtype=dtype)
+    y = factor_forward(x, w, p, batch_last)
+    assert calls == [kernel]
+    assert rel(y, factor_matmul(x.double(), w.double(), p, batch_last)) < TOL[dtype]
+    if ON_GPU and kernel == "_FWD_SPLIT":  # fp32 tiles are too large: 3-D (d ≥ 4) or 2-D kernel
+        calls.clear()
+        factor_forward(x.float(), w.float(), p, batch_last)
+        assert calls == ["_FWD_3D" if p.d >= k.MIN_D_3D else "_FWD"]
