@@ -224,10 +224,10 @@ if triton is not None:
                  mask=(ib[:, None] < B) & (it[None, :] < T))
 
     @triton.jit
-    def _w_tile(w_ptr, blk, kk, ib, B, C, sw_blk, sw_b, sw_c):
-        """Wᵀ of block ``blk`` as a (BK, BB) tile."""
-        return tl.load(w_ptr + blk.to(tl.int64) * sw_blk + kk[:, None] * sw_c + ib[None, :] * sw_b,
-                       mask=(kk[:, None] < C) & (ib[None, :] < B), other=0.0)
+    def _block_dot(x, acc, w_tile_ptr, w_mask, PRECISION: tl.constexpr):
+        """acc + x · Wᵀ, the block's (BK, BB) tile loaded through ``w_tile_ptr``."""
+        return tl.dot(x, tl.load(w_tile_ptr, mask=w_mask, other=0.0), acc,
+                      input_precision=PRECISION)
 
     @triton.autotune(configs=_split_configs(), key=["A", "B", "C", "D"],
                      prune_configs_by={"early_config_prune": _prune_split})
@@ -261,28 +261,25 @@ if triton is not None:
             acc5 = tl.zeros((BT, BB), dtype=tl.float32)
             acc6 = tl.zeros((BT, BB), dtype=tl.float32)
             acc7 = tl.zeros((BT, BB), dtype=tl.float32)
+        w_base = w_ptr + blk.to(tl.int64) * sw_blk + ib[None, :] * sw_b
         for k0 in range(0, C, BK):
             kk = k0 + ik
-            x = tl.load(x_base + k0 * D, mask=(it[:, None] < T) & (k0 * D + ikd[None, :] < C * D),
-                        other=0.0)                                   # (BT, BK·D), δ fastest
+            wp = w_base + kk[:, None] * sw_c         # Wᵀ tile of block α·d; of α·d + i: + i·sw_blk
+            wm = (kk[:, None] < C) & (ib[None, :] < B)
+            xm = (it[:, None] < T) & (k0 * D + ikd[None, :] < C * D)
+            x = tl.load(x_base + k0 * D, mask=xm, other=0.0)       # (BT, BK·D), δ fastest
             if D == 2:
                 x0, x1 = tl.split(tl.reshape(x, (BT, BK, 2)))
-                acc0 = tl.dot(x0, _w_tile(w_ptr, blk, kk, ib, B, C, sw_blk, sw_b, sw_c), acc0,
-                              input_precision=PRECISION)
-                acc1 = tl.dot(x1, _w_tile(w_ptr, blk + 1, kk, ib, B, C, sw_blk, sw_b, sw_c),
-                              acc1, input_precision=PRECISION)
+                acc0 = _block_dot(x0, acc0, wp, wm, PRECISION)
+                acc1 = _block_dot(x1, acc1, wp + sw_blk, wm, PRECISION)
             elif D == 4:
                 xe, xo = tl.split(tl.reshape(x, (BT, BK, 2, 2)))      # δ = 2·δ1 + δ0
                 x0, x2 = tl.split(xe)
                 x1, x3 = tl.split(xo)
-                acc0 = tl.dot(x0, _w_tile(w_ptr, blk, kk, ib, B, C, sw_blk, sw_b, sw_c), acc0,
-                              input_precision=PRECISION)
-                acc1 = tl.dot(x1, _w_tile(w_ptr, blk + 1, kk, ib, B, C, sw_blk, sw_b, sw_c),
-                              acc1, input_precision=PRECISION)
-                acc2 = tl.dot(x2, _w_tile(w_ptr, blk + 2, kk, ib, B, C, sw_blk, sw_b, sw_c),
-                              acc2, input_precision=PRECISION)
-                acc3 = tl.dot(x3, _w_tile(w_ptr, blk + 3, kk, ib, B, C, sw_blk, sw_b, sw_c),
-                              acc3, input_precision=PRECISION)
+                acc0 = _block_dot(x0, acc0, wp, wm, PRECISION)
+                acc1 = _block_dot(x1, acc1, wp + sw_blk, wm, PRECISION)
+                acc2 = _block_dot(x2, acc2, wp + 2 * sw_blk, wm, PRECISION)
+                acc3 = _block_dot(x3, acc3, wp + 3 * sw_blk, wm, PRECISION)
             else:
                 xe, xo = tl.split(tl.reshape(x, (BT, BK, 2, 2, 2)))   # δ = 4·δ2 + 2·δ1 + δ0
                 xee, xeo = tl.split(xe)
@@ -291,22 +288,14 @@ if triton is not None:
                 x2, x6 = tl.split(xeo)
                 x1, x5 = tl.split(xoe)
                 x3, x7 = tl.split(xoo)
-                acc0 = tl.dot(x0, _w_tile(w_ptr, blk, kk, ib, B, C, sw_blk, sw_b, sw_c), acc0,
-                              input_precision=PRECISION)
-                acc1 = tl.dot(x1, _w_tile(w_ptr, blk + 1, kk, ib, B, C, sw_blk, sw_b, sw_c),
-                              acc1, input_precision=PRECISION)
-                acc2 = tl.dot(x2, _w_tile(w_ptr, blk + 2, kk, ib, B, C, sw_blk, sw_b, sw_c),
-                              acc2, input_precision=PRECISION)
-                acc3 = tl.dot(x3, _w_tile(w_ptr, blk + 3, kk, ib, B, C, sw_blk, sw_b, sw_c),
-                              acc3, input_precision=PRECISION)
-                acc4 = tl.dot(x4, _w_tile(w_ptr, blk + 4, kk, ib, B, C, sw_blk, sw_b, sw_c),
-                              acc4, input_precision=PRECISION)
-                acc5 = tl.dot(x5, _w_tile(w_ptr, blk + 5, kk, ib, B, C, sw_blk, sw_b, sw_c),
-                              acc5, input_precision=PRECISION)
-                acc6 = tl.dot(x6, _w_tile(w_ptr, blk + 6, kk, ib, B, C, sw_blk, sw_b, sw_c),
-                              acc6, input_precision=PRECISION)
-                acc7 = tl.dot(x7, _w_tile(w_ptr, blk + 7, kk, ib, B, C, sw_blk, sw_b, sw_c),
-                              acc7, input_precision=PRECISION)
+                acc0 = _block_dot(x0, acc0, wp, wm, PRECISION)
+                acc1 = _block_dot(x1, acc1, wp + sw_blk, wm, PRECISION)
+                acc2 = _block_dot(x2, acc2, wp + 2 * sw_blk, wm, PRECISION)
+                acc3 = _block_dot(x3, acc3, wp + 3 * sw_blk, wm, PRECISION)
+                acc4 = _block_dot(x4, acc4, wp + 4 * sw_blk, wm, PRECISION)
+                acc5 = _block_dot(x5, acc5, wp + 5 * sw_blk, wm, PRECISION)
+                acc6 = _block_dot(x6, acc6, wp + 6 * sw_blk, wm, PRECISION)
+                acc7 = _block_dot(x7, acc7, wp + 7 * sw_blk, wm, PRECISION)
         # join innermost-first, mirroring the splits: the last axis becomes δ's lowest bit
         if D == 2:
             out = tl.join(acc0, acc1)
