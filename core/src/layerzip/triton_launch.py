@@ -52,12 +52,13 @@ def _jit_function(kernel):
 
 def arg_signature(value: Any, constexpr: bool) -> Any:
     """What a compiled Triton kernel depends on in one argument, refined: a constexpr's value;
-    a tensor's dtype, device and 16-byte alignment; an int's class (== 1, divisible by 16,
-    32- or 64-bit) — Triton specializes ints on exactly these, not on their value."""
+    a tensor's dtype and 16-byte alignment; an int's class (== 1, divisible by 16, 32- or
+    64-bit) — Triton specializes ints on exactly these, not on their value. (The device a
+    kernel runs on is the current one: :func:`launch_signature` keys on it once.)"""
     if constexpr:
         return ("c", value)
     if isinstance(value, torch.Tensor):
-        return (value.dtype, value.device, value.data_ptr() % 16 == 0)
+        return (value.dtype, value.data_ptr() % 16 == 0)
     if isinstance(value, bool):
         return ("b", value)
     if isinstance(value, int):
