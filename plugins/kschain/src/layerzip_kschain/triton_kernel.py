@@ -61,53 +61,49 @@ def _p2(n: int) -> int:
     return max(16, 1 << max(0, (n - 1).bit_length()))
 
 
-def _fwd_configs():
+def _tile_configs(names: str, rows) -> list:
+    """Autotune configs from rows (tile sizes in the order of ``names``, num_warps, num_stages):
+    under the interpreter one small config (tiles of 16, batch tile BD 2), with
+    LAYERZIP_TRITON_QUICK=1 the first two rows."""
+    names = names.split()
     if INTERPRET:
-        return [triton.Config({"BT": 16, "BB": 16, "BK": 16}, num_warps=1)]
-    shapes = [(128, 64, 64, 4, 3), (128, 128, 32, 8, 3), (64, 64, 64, 4, 4), (128, 32, 32, 4, 4),
-              (64, 128, 64, 8, 3), (256, 64, 32, 8, 3), (128, 16, 16, 4, 2), (64, 32, 16, 4, 3)]
-    return [triton.Config({"BT": bt, "BB": bb, "BK": bk}, num_warps=w, num_stages=s)
-            for bt, bb, bk, w, s in shapes[:2 if QUICK else None]]
+        return [triton.Config({n: 2 if n == "BD" else 16 for n in names}, num_warps=1)]
+    return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1])
+            for row in rows[:2 if QUICK else None]]
+
+
+def _fwd_configs():
+    return _tile_configs("BT BB BK", [
+        (128, 64, 64, 4, 3), (128, 128, 32, 8, 3), (64, 64, 64, 4, 4), (128, 32, 32, 4, 4),
+        (64, 128, 64, 8, 3), (256, 64, 32, 8, 3), (128, 16, 16, 4, 2), (64, 32, 16, 4, 3)])
 
 
 def _split_configs():
-    if INTERPRET:
-        return [triton.Config({"BT": 16, "BB": 16, "BK": 16}, num_warps=1)]
-    shapes = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 32, 64, 4, 3),
-              (32, 64, 64, 4, 3), (128, 32, 32, 8, 3), (64, 64, 64, 8, 3), (32, 32, 32, 4, 4)]
-    return [triton.Config({"BT": bt, "BB": bb, "BK": bk}, num_warps=w, num_stages=s)
-            for bt, bb, bk, w, s in shapes[:2 if QUICK else None]]
+    return _tile_configs("BT BB BK", [
+        (64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 32, 64, 4, 3),
+        (32, 64, 64, 4, 3), (128, 32, 32, 8, 3), (64, 64, 64, 8, 3), (32, 32, 32, 4, 4)])
 
 
 def _fwd3d_configs():
-    if INTERPRET:
-        return [triton.Config({"BT": 16, "BB": 16, "BK": 16, "BD": 2}, num_warps=1)]
     # BD ≥ 16 makes each token's loads 32-byte runs (whole sectors) when d is large
-    shapes = [(64, 64, 32, 4, 4, 3), (32, 64, 64, 8, 4, 3), (64, 32, 32, 8, 4, 3),
-              (128, 64, 32, 2, 8, 3), (32, 128, 32, 4, 8, 3), (16, 16, 16, 16, 4, 2),
-              (32, 32, 32, 16, 8, 3), (16, 64, 32, 16, 8, 3), (16, 32, 16, 32, 8, 2),
-              (32, 16, 32, 32, 8, 2)]
-    return [triton.Config({"BT": bt, "BB": bb, "BK": bk, "BD": bd}, num_warps=w, num_stages=s)
-            for bt, bb, bk, bd, w, s in shapes[:2 if QUICK else None]]
+    return _tile_configs("BT BB BK BD", [
+        (64, 64, 32, 4, 4, 3), (32, 64, 64, 8, 4, 3), (64, 32, 32, 8, 4, 3),
+        (128, 64, 32, 2, 8, 3), (32, 128, 32, 4, 8, 3), (16, 16, 16, 16, 4, 2),
+        (32, 32, 32, 16, 8, 3), (16, 64, 32, 16, 8, 3), (16, 32, 16, 32, 8, 2),
+        (32, 16, 32, 32, 8, 2)])
 
 
 def _fwd_bl_configs():
-    if INTERPRET:
-        return [triton.Config({"BB": 16, "BT": 16, "BK": 16}, num_warps=1)]
-    shapes = [(64, 128, 64, 4, 3), (128, 128, 32, 8, 3), (64, 64, 64, 4, 4), (32, 128, 32, 4, 4),
-              (128, 64, 64, 8, 3), (64, 256, 32, 8, 3), (16, 128, 16, 4, 3), (32, 64, 32, 4, 3),
-              (128, 256, 64, 8, 3)]
-    return [triton.Config({"BB": bb, "BT": bt, "BK": bk}, num_warps=w, num_stages=s)
-            for bb, bt, bk, w, s in shapes[:2 if QUICK else None]]
+    return _tile_configs("BB BT BK", [
+        (64, 128, 64, 4, 3), (128, 128, 32, 8, 3), (64, 64, 64, 4, 4), (32, 128, 32, 4, 4),
+        (128, 64, 64, 8, 3), (64, 256, 32, 8, 3), (16, 128, 16, 4, 3), (32, 64, 32, 4, 3),
+        (128, 256, 64, 8, 3)])
 
 
 def _dw_configs():
-    if INTERPRET:
-        return [triton.Config({"BT": 16, "BB": 16, "BC": 16}, num_warps=1)]
-    shapes = [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 32, 32, 4, 4),
-              (128, 16, 16, 4, 2)]
-    return [triton.Config({"BT": bt, "BB": bb, "BC": bc}, num_warps=w, num_stages=s)
-            for bt, bb, bc, w, s in shapes[:2 if QUICK else None]]
+    return _tile_configs("BT BB BC", [
+        (64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 32, 32, 4, 4),
+        (128, 16, 16, 4, 2)])
 
 
 def _prune(sizes, batch=None):
