@@ -179,13 +179,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("json")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--made-by", default="SUITES=test_kschain_speed.py NAME=kschain_gpu bash "
-                    "benchmarks/device_run.sh", help="the command(s) that produced the JSON")
+    ap.add_argument("--made-by", default="`SUITES=test_kschain_speed.py NAME=kschain_gpu bash "
+                    "benchmarks/device_run.sh`",
+                    help="the command(s) that produced the JSON (markdown)")
     args = ap.parse_args()
     rows, machine = load(args.json)
     gpu = machine.get("layerzip", {}).get("gpu") or machine.get("layerzip", {})
     text = ["# KS-chain kernels on the GPU", "",
-            f"Made by `{args.made_by}` on the lent GPU (machine: " + json.dumps(gpu) + ").", ""]
+            f"Made by {args.made_by} on the lent GPU (machine: " + json.dumps(gpu) + ").", ""]
     text += summary(rows) + tables(rows)
     out = Path(args.out)
     out.with_suffix(".md").write_text("\n".join(text) + "\n")
