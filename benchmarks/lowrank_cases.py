@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import layerzip
-from layerzip.bench import time_callable
+from layerzip.bench import graphed, time_callable
 
 
 def ratios(t: int, n: int, m: int, r: int, elem: int = 2) -> dict:
@@ -28,20 +28,6 @@ def make_case(t, n, m, r, dtype, device, seed=0):
     v = (torch.randn(n, r, generator=g) / n ** 0.5).to(device, dtype)
     b = torch.zeros(m).to(device, dtype)
     return x, w, u, v, b
-
-
-def graphed(fn):
-    """Capture fn() in a CUDA graph (after warm-up on a side stream); return its replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def kernel_error(backend, x, u, v, b) -> float:

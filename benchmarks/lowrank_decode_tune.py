@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from layerzip.bench import time_callable
+from layerzip.bench import graphed, time_callable
 from layerzip_lowrank.decode_kernel import _programs, lowrank_decode, plan
-from lowrank_cases import graphed, make_case
+from lowrank_cases import make_case
 
 SHAPES = [(16, 4096, 11008, 256), (16, 4096, 4096, 256), (1, 4096, 11008, 256)]
 GRID = {"br": (32, 64), "kc": (128, 256, 512), "bn": (32, 64, 128), "bk2": (64, 128),

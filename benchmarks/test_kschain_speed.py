@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import layerzip
-from layerzip.bench import pedantic, time_callable
+from layerzip.bench import graphed, pedantic, time_callable
 from layerzip_kschain import Pattern, chain_matmul_bmm, factor_matmul, rank_chain
 
 T = 8192
@@ -40,17 +40,7 @@ FWD_IMPLS = IMPLS + ["triton_2d", "triton_3d"]
 def graph_time(fn, rounds=20):
     """Median time of fn replayed from a CUDA graph: the GPU's time without launch overhead
     (Triton's Python launcher costs tens of µs, which dominates small layers in eager mode)."""
-    fn()
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return time_callable(graph.replay, rounds=rounds, warmup=3)
+    return time_callable(graphed(fn), rounds=rounds, warmup=3)
 
 
 def host_time(fn, calls=100):

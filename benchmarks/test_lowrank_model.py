@@ -8,9 +8,8 @@ import torch
 from torch import nn
 
 import layerzip
-from layerzip.bench import pedantic, time_callable
+from layerzip.bench import graphed, pedantic, time_callable
 
-from lowrank_cases import graphed
 
 HIDDEN, INTER, BLOCKS = 4096, 11008, 4
 

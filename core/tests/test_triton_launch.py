@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from layerzip import LaunchCache
+from layerzip.bench import graphed
 from layerzip.testing import triton_test_device
 from layerzip.triton_launch import arg_signature, launch_signature
 
@@ -113,16 +114,9 @@ def test_fast_launches_are_captured_by_cuda_graphs():
         launch(lambda meta: (triton.cdiv(3000, meta["BLOCK"]),), x, y, 3000, 2.0, 1, SHIFT=3)
 
     step()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    replay = graphed(step)
     x.copy_(torch.randn(3000, device=DEVICE))
     y.zero_()
-    graph.replay()
+    replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(y, _expected(x))

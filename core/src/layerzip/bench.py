@@ -40,6 +40,22 @@ def synchronized_timer() -> float:
 _flush_buffers: dict = {}
 
 
+def graphed(fn: Callable[[], object], *, warmup: int = 3) -> Callable[[], None]:
+    """Capture ``fn()`` in a CUDA graph (after ``warmup`` calls on a side stream, as capture
+    requires) and return the graph's replay: the GPU's time of ``fn`` without launch overhead
+    when timed, and a check that ``fn`` is capturable when run."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def flush_l2(device: torch.device) -> None:
     """Overwrite a buffer twice the L2 size so the next round starts with a cold cache."""
     buf = _flush_buffers.get(device)
