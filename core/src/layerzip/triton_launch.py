@@ -8,8 +8,8 @@ kernel loses to torch's three. :class:`LaunchCache` does that work once per *lau
 kernel's own launcher with the arguments in order.
 
 The first call of a signature always goes through Triton (autotuning, compiling); so does every
-call under Triton's CPU interpreter, on a Triton older than 3.4 (the launcher's argument order
-differs).
+call under Triton's CPU interpreter, and on a Triton older than 3.4 (before 3.3 the launcher
+takes different arguments; the replay is verified on the GPU with Triton 3.6).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _has_cuda() -> bool:
 def _fast_launch_supported() -> bool:
     try:
         import triton
-        from triton import knobs  # noqa: F401  (3.4+: launch hooks live in knobs.runtime)
+        from triton import knobs  # noqa: F401  (where the launch hooks live)
     except ImportError:
         return False
     major, minor = (int(p) for p in triton.__version__.split(".")[:2])
