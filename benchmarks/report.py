@@ -9,12 +9,14 @@ import argparse
 import json
 from pathlib import Path
 
-COLUMNS = [("case", "{}"), ("backend", "{}"), ("graphs", "{}"), ("dense_ms", "{:.4f}"),
-           ("lowrank_ms", "{:.4f}"), ("speedup", "{:.2f}×"), ("flop_ratio", "{:.2f}×"),
+COLUMNS = [("case", "{}"), ("residual_fraction", "{:g}"), ("backend", "{}"), ("graphs", "{}"),
+           ("dense_ms", "{:.4f}"), ("lowrank_ms", "{:.4f}"), ("speedup", "{:.2f}×"),
+           ("graph_dense_ms", "{:.4f}"), ("graph_kron_ms", "{:.4f}"),
+           ("graph_speedup", "{:.2f}×"), ("host_us", "{:.0f}"), ("flop_ratio", "{:.2f}×"),
            ("byte_ratio", "{:.2f}×"), ("efficiency_flops", "{:.0%}"),
            ("efficiency_bytes", "{:.0%}"), ("lowrank_tflops", "{:.0f}"),
            ("dense_backward_ms", "{:.4f}"), ("kron_backward_ms", "{:.4f}"),
-           ("backward_speedup", "{:.2f}×"), ("kernel_rel_error", "{:.1e}")]
+           ("backward_speedup", "{:.2f}×"), ("kernel_rel_error", "{:.1e}"), ("config", "{}")]
 
 
 def rows_of(data: dict) -> list[dict]:

@@ -8,13 +8,12 @@ Speedups are dense time / kernel time; the kernel error is against a float64 ref
 """
 
 import math
-import time
 
 import pytest
 import torch
 
 import layerzip
-from layerzip.bench import graphed, pedantic, time_callable
+from layerzip.bench import graphed, host_time, pedantic, time_callable
 from layerzip_kschain import Pattern, chain_matmul_bmm, factor_matmul, rank_chain
 
 T = 8192
@@ -41,20 +40,6 @@ def graph_time(fn, rounds=20):
     """Median time of fn replayed from a CUDA graph: the GPU's time without launch overhead
     (Triton's Python launcher costs tens of µs, which dominates small layers in eager mode)."""
     return time_callable(graphed(fn), rounds=rounds, warmup=3)
-
-
-def host_time(fn, calls=100):
-    """Seconds of host time per call, enqueueing ``calls`` calls without waiting for the GPU:
-    what a call costs the CPU, the floor of its eager time whatever the kernel."""
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    return elapsed / calls
 
 
 def _impl(name):

@@ -56,6 +56,23 @@ def graphed(fn: Callable[[], object], *, warmup: int = 3) -> Callable[[], None]:
     return graph.replay
 
 
+def host_time(fn: Callable[[], object], *, calls: int = 100, warmup: int = 5) -> float:
+    """Seconds of host time per call, enqueueing ``calls`` calls without waiting for the GPU:
+    what a call costs the CPU, the floor of its eager time whatever the kernel (an eager
+    timing near this number is bound by the host, not by the kernel)."""
+    for _ in range(warmup):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return elapsed / calls
+
+
 def flush_l2(device: torch.device) -> None:
     """Overwrite a buffer twice the L2 size so the next round starts with a cold cache."""
     buf = _flush_buffers.get(device)

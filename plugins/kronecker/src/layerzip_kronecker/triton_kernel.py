@@ -1,22 +1,35 @@
-"""Kronecker forward in Triton: y_t = Σₖ Aₖ X_t Bₖᵀ for every token t, one kernel.
+"""Kronecker layer in Triton: y_t = Σₖ Aₖ X_t Bₖᵀ for every token t, and its gradients.
 
-Each program takes TOK consecutive tokens; for each it loads X_t (n1 × n2) once, applies the
-factors (small, L1/L2-resident) with two tensor-core dots per term, and writes Y_t (m1 × m2)
-once — the x and y traffic the plain formulation also has, without its intermediate tensor
-(T × n1 × m2) going through memory. Factor sizes are padded to powers of two ≥ 16 with masks.
+Forward (:func:`kron_fused`). A persistent program walks tiles of TB consecutive tokens. It
+loads the tile as one (n1, TB·n2) matrix — row κ holds X_t[κ, :] for each token t of the tile,
+so every run of n2 elements is contiguous in memory — and needs no transpose anywhere:
+
+    U = Aₖ · X_tile              (m1, TB·n2)   U[i, (t, l)] = (Aₖ X_t)[i, l]
+    U viewed as (m1·TB, n2)                    (a reshape: row (i, t), column l)
+    Y_tile += U · Bₖᵀ            (m1·TB, m2)   Y[(i, t), j] = (Aₖ X_t Bₖᵀ)[i, j]
+
+and stores row (i, t) as the contiguous run Y_t[i, :]. Both products are plain 2-D
+tensor-core dots of TB·64-wide tiles (the per-token 64 × 64 × 64 dots of the first version
+could not be pipelined), the x tile loads are pipelined across the persistent loop, and x is
+read and y written exactly once. Factor sizes are padded to powers of two ≥ 16 with masks.
 The sparse residual and the bias are added outside (same code as the reference).
 
-Backward (:func:`kron_fused_autograd`): dX = Σₖ (Aₖᵀ ⊗ Bₖᵀ) dY is the same kernel with
-transposed factors; dBₖ = Σ_t dY_tᵀ (Aₖ X_t) and dAₖ = Σ_t dY_t (Bₖ X_tᵀ) are one batched
-product each plus one GEMM whose reduction runs over all T·m rows (cuBLAS splits it), on
-contiguous views — only dY is transposed once, for the dA products.
-A tiled variant (TB tokens as one tile, both products as single dots, the second transposed)
-measured slower at r=1 (1.92× vs 2.38× of dense) and equal at r=4 on the H100
-(benchmarks/results/history/kronecker_gpu_run4_tiled_kernel.md), so this version stays.
+Backward (:func:`kron_fused_autograd`): dX = Σₖ (Aₖᵀ ⊗ Bₖᵀ) dY is the forward kernel with
+transposed factors. dAₖ and dBₖ come from one more kernel that reads each X and dY tile once
+per term and reduces in registers, with the same no-transpose views:
+
+    dBₖ += dYᵀ · U               dY viewed as (m1·TB, m2) rows (i, t), U as above
+    G    = dY · Bₖ               (m1·TB, n2), viewed as (m1, TB·n2)
+    dAₖ += G · X_tileᵀ
+
+Each program writes its fp32 partial sums; they are added on the host (no atomics, so the
+gradients are deterministic).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 
 import torch
 
@@ -26,53 +39,176 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-from layerzip import triton_interpreted
+from layerzip import LaunchCache, triton_interpreted
 
 INTERPRET = triton_interpreted()
-
-
-def _configs():
-    if INTERPRET:
-        return [triton.Config({"TOK": 4}, num_warps=1)]
-    return [triton.Config({"TOK": tok}, num_warps=w, num_stages=s)
-            for tok in (8, 16, 32) for w in (4, 8) for s in (2, 3)]
-
-
-if triton is not None:
-
-    @triton.autotune(configs=_configs(), key=["T_BUCKET", "M1", "N1", "M2", "N2", "R"])
-    @triton.jit
-    def _kron_kernel(x_ptr, a_ptr, b_ptr, y_ptr, T, T_BUCKET, M1, N1, M2, N2,
-                     R: tl.constexpr, BM1: tl.constexpr, BN1: tl.constexpr, BM2: tl.constexpr,
-                     BN2: tl.constexpr, PRECISION: tl.constexpr, TOK: tl.constexpr):
-        pid = tl.program_id(0)
-        im1 = tl.arange(0, BM1)
-        in1 = tl.arange(0, BN1)
-        im2 = tl.arange(0, BM2)
-        in2 = tl.arange(0, BN2)
-        xmask = (in1[:, None] < N1) & (in2[None, :] < N2)
-        ymask = (im1[:, None] < M1) & (im2[None, :] < M2)
-        amask = (im1[:, None] < M1) & (in1[None, :] < N1)
-        btmask = (in2[:, None] < N2) & (im2[None, :] < M2)
-        for j in range(TOK):
-            t = pid * TOK + j
-            if t < T:
-                x = tl.load(x_ptr + t * N1 * N2 + in1[:, None] * N2 + in2[None, :], mask=xmask,
-                            other=0.0)
-                acc = tl.zeros((BM1, BM2), dtype=tl.float32)
-                for k in tl.static_range(R):
-                    bt = tl.load(b_ptr + k * M2 * N2 + im2[None, :] * N2 + in2[:, None],
-                                 mask=btmask, other=0.0)                      # Bₖᵀ: (n2, m2)
-                    z = tl.dot(x, bt, input_precision=PRECISION)              # X Bₖᵀ: (n1, m2)
-                    a = tl.load(a_ptr + k * M1 * N1 + im1[:, None] * N1 + in1[None, :],
-                                mask=amask, other=0.0)                        # Aₖ: (m1, n1)
-                    acc = tl.dot(a, z.to(x.dtype), acc, input_precision=PRECISION)
-                tl.store(y_ptr + t * M1 * M2 + im1[:, None] * M2 + im2[None, :],
-                         acc.to(y_ptr.dtype.element_ty), mask=ymask)
+# correctness runs on a GPU (LAYERZIP_TRITON_QUICK=1): two configs per kernel, not a full
+# autotune (compiling every config for every tested shape takes minutes on a cold cache)
+QUICK = os.environ.get("LAYERZIP_TRITON_QUICK") == "1"
+# token tiles are chosen so that the dots are this wide (TB · max(n2, m2) columns): on the H100
+# 64- and 128-wide tiles ran within 3% of each other and wider ones lost (spills, fewer
+# programs per SM; benchmarks/results/kronecker_probe.md)
+TILE_WIDTHS = (64, 128)
+# fp32 accumulator registers a thread may hold (U and Y tiles) before a config is dropped
+MAX_ACC_PER_THREAD = 128
+SMEM_LIMIT = 227 * 1024  # H100 shared memory per block
 
 
 def _p2(n: int) -> int:
     return max(16, 1 << max(0, (n - 1).bit_length()))
+
+
+def _configs():
+    if INTERPRET:  # one small tile of 2 tokens: exercises the token tails and the reshapes
+        return [triton.Config({"TB": 2, "OCC": 1}, num_warps=1)]
+    # OCC: persistent programs per SM. Three pipeline stages won everywhere in the probe (two
+    # were up to 2× slower); a non-persistent grid lost up to 2.5× for the gradient kernel.
+    return [triton.Config({"TB": tb, "OCC": occ}, num_warps=w, num_stages=3)
+            for tb in (1, 2, 4, 8, 16) for w in (4, 8) for occ in (2, 4)]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep token tiles that make TILE_WIDTHS-wide dots and fit in registers and shared memory
+    (x and y tiles per stage, plus room for the factors); if none does, the smallest tile with
+    the most warps (so the autotuner always has one to run)."""
+    if INTERPRET:
+        return configs
+    bm1, bn1, bm2, bn2 = (kwargs.get(n, named_args.get(n)) for n in ("BM1", "BN1", "BM2", "BN2"))
+    size = named_args["x_ptr"].element_size()
+    width = max(bn2, bm2)
+
+    def fits(c):
+        tb = c.kwargs["TB"]
+        acc = tb * bm1 * (bn2 + bm2) // (c.num_warps * 32)
+        smem = (c.num_stages * (bn1 * tb * bn2 + tb * bm1 * bm2)
+                + 4 * (bm1 * bn1 + bm2 * bn2)) * size
+        return tb * width in TILE_WIDTHS and acc <= MAX_ACC_PER_THREAD and smem <= SMEM_LIMIT
+
+    kept = [c for c in configs if fits(c)]
+    if not kept:
+        kept = [min(configs, key=lambda c: (c.kwargs["TB"], -c.num_warps))]
+    return kept[:2] if QUICK else kept
+
+
+@functools.cache
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _programs(x: torch.Tensor, tiles: int, occupancy: int) -> int:
+    """Persistent grid: at most `occupancy` programs per SM (all tiles on the CPU)."""
+    if x.device.type != "cuda":
+        return tiles
+    return max(1, min(tiles, _sm_count(x.device.index or 0) * occupancy))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tile_offsets(N1, N2, M1, M2, BM1: tl.constexpr, BN1: tl.constexpr,
+                      BM2: tl.constexpr, BN2: tl.constexpr, TB: tl.constexpr):
+        """Offsets within a token tile: x as (n1, TB·n2) [row κ, column (t, l)] and y as
+        (m1·TB, m2) [row (i, t), column j], each with its in-range mask and token index."""
+        xr = tl.arange(0, BN1)
+        xc = tl.arange(0, TB * BN2)
+        xt = xc // BN2
+        xl = xc % BN2
+        x_off = xt[None, :] * (N1 * N2) + xr[:, None] * N2 + xl[None, :]
+        x_in = (xr[:, None] < N1) & (xl[None, :] < N2)
+        yr = tl.arange(0, BM1 * TB)
+        yi = yr // TB
+        yt = yr % TB
+        yj = tl.arange(0, BM2)
+        y_off = yt[:, None] * (M1 * M2) + yi[:, None] * M2 + yj[None, :]
+        y_in = (yi[:, None] < M1) & (yj[None, :] < M2)
+        return x_off, x_in, xt, y_off, y_in, yt
+
+    @triton.jit
+    def _load_factor(ptr, k, rows, cols, BR: tl.constexpr, BC: tl.constexpr,
+                     TRANSPOSE: tl.constexpr):
+        """Factor k of a stacked (R, rows, cols) tensor, padded to (BR, BC), or its transpose."""
+        r = tl.arange(0, BR)
+        c = tl.arange(0, BC)
+        base = ptr + k * rows * cols
+        if TRANSPOSE:
+            return tl.load(base + c[None, :] * cols + r[:, None],
+                           mask=(c[None, :] < rows) & (r[:, None] < cols), other=0.0)
+        return tl.load(base + r[:, None] * cols + c[None, :],
+                       mask=(r[:, None] < rows) & (c[None, :] < cols), other=0.0)
+
+    @triton.autotune(configs=_configs(), key=["T_BUCKET", "M1", "N1", "M2", "N2", "R"],
+                     prune_configs_by={"early_config_prune": _prune})
+    @triton.jit
+    def _kron_fwd(x_ptr, a_ptr, b_ptr, y_ptr, T, T_BUCKET, M1, N1, M2, N2,
+                  R: tl.constexpr, BM1: tl.constexpr, BN1: tl.constexpr, BM2: tl.constexpr,
+                  BN2: tl.constexpr, PRECISION: tl.constexpr, TB: tl.constexpr,
+                  OCC: tl.constexpr):
+        x_off, x_in, xt, y_off, y_in, yt = _tile_offsets(N1, N2, M1, M2, BM1, BN1, BM2, BN2, TB)
+        a0 = _load_factor(a_ptr, 0, M1, N1, BM1, BN1, False)
+        bt0 = _load_factor(b_ptr, 0, M2, N2, BN2, BM2, True)
+        for tile in tl.range(tl.program_id(0), tl.cdiv(T, TB), tl.num_programs(0)):
+            t0 = tl.cast(tile, tl.int64) * TB
+            x = tl.load(x_ptr + t0 * N1 * N2 + x_off, mask=x_in & (t0 + xt[None, :] < T),
+                        other=0.0)
+            acc = tl.zeros((BM1 * TB, BM2), dtype=tl.float32)
+            for k in tl.static_range(R):
+                if k == 0:  # the first term's factors stay in registers for every tile
+                    a, bt = a0, bt0
+                else:
+                    a = _load_factor(a_ptr, k, M1, N1, BM1, BN1, False)
+                    bt = _load_factor(b_ptr, k, M2, N2, BN2, BM2, True)
+                u = tl.dot(a, x, input_precision=PRECISION)                    # (BM1, TB·BN2)
+                u = tl.reshape(u.to(x.dtype), (BM1 * TB, BN2))                 # rows (i, t)
+                acc = tl.dot(u, bt, acc, input_precision=PRECISION)           # (BM1·TB, BM2)
+            tl.store(y_ptr + t0 * M1 * M2 + y_off, acc.to(y_ptr.dtype.element_ty),
+                     mask=y_in & (t0 + yt[:, None] < T))
+
+    @triton.autotune(configs=_configs(), key=["T_BUCKET", "M1", "N1", "M2", "N2", "R"],
+                     prune_configs_by={"early_config_prune": _prune},
+                     reset_to_zero=["da_ptr", "db_ptr"])
+    @triton.jit
+    def _kron_grad(x_ptr, dy_ptr, a_ptr, b_ptr, da_ptr, db_ptr, T, T_BUCKET, M1, N1, M2, N2,
+                   R: tl.constexpr, BM1: tl.constexpr, BN1: tl.constexpr, BM2: tl.constexpr,
+                   BN2: tl.constexpr, PRECISION: tl.constexpr, TB: tl.constexpr,
+                   OCC: tl.constexpr):
+        """Program (p, k): the partial sums of dAₖ and dBₖ over the tiles p owns."""
+        pid = tl.program_id(0)
+        k = tl.program_id(1)
+        x_off, x_in, xt, y_off, y_in, yt = _tile_offsets(N1, N2, M1, M2, BM1, BN1, BM2, BN2, TB)
+        a = _load_factor(a_ptr, k, M1, N1, BM1, BN1, False)
+        b = _load_factor(b_ptr, k, M2, N2, BM2, BN2, False)
+        da = tl.zeros((BM1, BN1), dtype=tl.float32)
+        db = tl.zeros((BM2, BN2), dtype=tl.float32)
+        for tile in tl.range(pid, tl.cdiv(T, TB), tl.num_programs(0)):
+            t0 = tl.cast(tile, tl.int64) * TB
+            x = tl.load(x_ptr + t0 * N1 * N2 + x_off, mask=x_in & (t0 + xt[None, :] < T),
+                        other=0.0)
+            dy = tl.load(dy_ptr + t0 * M1 * M2 + y_off, mask=y_in & (t0 + yt[:, None] < T),
+                         other=0.0)
+            u = tl.dot(a, x, input_precision=PRECISION)                        # (BM1, TB·BN2)
+            u = tl.reshape(u.to(x.dtype), (BM1 * TB, BN2))
+            db = tl.dot(tl.trans(dy), u, db, input_precision=PRECISION)       # (BM2, BN2)
+            g = tl.dot(dy, b, input_precision=PRECISION)                       # (BM1·TB, BN2)
+            g = tl.reshape(g.to(x.dtype), (BM1, TB * BN2))
+            da = tl.dot(g, tl.trans(x), da, input_precision=PRECISION)        # (BM1, BN1)
+        part = tl.cast(pid * R + k, tl.int64)
+        ra, ca = tl.arange(0, BM1), tl.arange(0, BN1)
+        tl.store(da_ptr + part * BM1 * BN1 + ra[:, None] * BN1 + ca[None, :], da)
+        rb, cb = tl.arange(0, BM2), tl.arange(0, BN2)
+        tl.store(db_ptr + part * BM2 * BN2 + rb[:, None] * BN2 + cb[None, :], db)
+
+    _FWD, _GRAD = LaunchCache(_kron_fwd), LaunchCache(_kron_grad)
+
+
+def _precision() -> str:
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _shape_args(t: int, a: torch.Tensor, b: torch.Tensor) -> tuple:
+    r, m1, n1 = a.shape
+    _, m2, n2 = b.shape
+    return (t, 1 << max(0, (t - 1).bit_length()), m1, n1, m2, n2, r,
+            _p2(m1), _p2(n1), _p2(m2), _p2(n2), _precision())
 
 
 def kron_fused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -83,11 +219,28 @@ def kron_fused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     x2 = x.reshape(-1, n1 * n2).contiguous()
     t = x2.shape[0]
     y = torch.empty((t, m1 * m2), device=x.device, dtype=x.dtype)
-    _kron_kernel[lambda meta: (triton.cdiv(t, meta["TOK"]),)](
-        x2, a.contiguous(), b.contiguous(), y, t, 1 << max(0, (t - 1).bit_length()),
-        m1, n1, m2, n2, R=r, BM1=_p2(m1), BN1=_p2(n1), BM2=_p2(m2), BN2=_p2(n2),
-        PRECISION="tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
+    if t:
+        _FWD(lambda meta: (_programs(x2, triton.cdiv(t, meta["TB"]), meta["OCC"]),),
+             x2, a.contiguous(), b.contiguous(), y, *_shape_args(t, a, b))
     return y.reshape(*lead, m1 * m2)
+
+
+def kron_factor_grads(x2: torch.Tensor, dy: torch.Tensor, a: torch.Tensor,
+                      b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dAₖ = Σ_t dY_t Bₖ X_tᵀ and dBₖ = Σ_t dY_tᵀ Aₖ X_t for x2 (T, n), dy (T, m)."""
+    r, m1, n1 = a.shape
+    _, m2, n2 = b.shape
+    t = x2.shape[0]
+    args = _shape_args(t, a, b)
+    bm1, bn1, bm2, bn2 = args[7:11]
+    # one partial sum per program; slots of programs a config does not start stay zero
+    slots = _programs(x2, max(t, 1), max(c.kwargs["OCC"] for c in _kron_grad.configs))
+    da = torch.zeros((slots, r, bm1, bn1), device=x2.device, dtype=torch.float32)
+    db = torch.zeros((slots, r, bm2, bn2), device=x2.device, dtype=torch.float32)
+    if t:
+        _GRAD(lambda meta: (_programs(x2, triton.cdiv(t, meta["TB"]), meta["OCC"]), r),
+              x2, dy, a.contiguous(), b.contiguous(), da, db, *args)
+    return (da.sum(0)[:, :m1, :n1].to(a.dtype), db.sum(0)[:, :m2, :n2].to(b.dtype))
 
 
 class _KronFused(torch.autograd.Function):
@@ -99,27 +252,14 @@ class _KronFused(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, a, b = ctx.saved_tensors
-        r, m1, n1 = a.shape
-        _, m2, n2 = b.shape
-        t = x2.shape[0]
         dy = dy.contiguous()
         dx = da = db = None
         if ctx.needs_input_grad[0]:
             dx = kron_fused(dy, a.transpose(1, 2), b.transpose(1, 2))   # (A ⊗ B)ᵀ = Aᵀ ⊗ Bᵀ
-        need_a, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        if need_a or need_b:
-            x3 = x2.view(t, n1, n2)
-            dy3 = dy.view(t, m1, m2)
-            dyt = dy3.transpose(1, 2).reshape(t * m2, m1) if need_a else None
-            da = torch.empty_like(a) if need_a else None
-            db = torch.empty_like(b) if need_b else None
-            for k in range(r):
-                if need_b:  # Σ_t dY_tᵀ (Aₖ X_t): reduction over the T·m1 rows
-                    p = torch.matmul(a[k], x3).reshape(t * m1, n2)
-                    db[k] = dy3.reshape(t * m1, m2).t() @ p
-                if need_a:  # Σ_t dY_t (Bₖ X_tᵀ): reduction over the T·m2 rows
-                    q = torch.matmul(b[k], x3.transpose(1, 2)).reshape(t * m2, n1)
-                    da[k] = dyt.t() @ q
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            da, db = kron_factor_grads(x2, dy, a, b)
+            da = da if ctx.needs_input_grad[1] else None
+            db = db if ctx.needs_input_grad[2] else None
         return dx, da, db
 
 
@@ -128,5 +268,7 @@ def kron_fused_autograd(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> to
     r, m1, n1 = a.shape
     _, m2, n2 = b.shape
     lead = x.shape[:-1]
-    y = _KronFused.apply(x.reshape(-1, n1 * n2).contiguous(), a, b)
-    return y.reshape(*lead, m1 * m2)
+    x2 = x.reshape(-1, n1 * n2).contiguous()
+    if not (torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad)):
+        return kron_fused(x2, a, b).reshape(*lead, m1 * m2)
+    return _KronFused.apply(x2, a, b).reshape(*lead, m1 * m2)
