@@ -6,7 +6,8 @@ of the same bytes (the practical floor of a kernel that reads x once and writes 
 prints registers / spills / shared memory per config, so a slow config can be told from a
 spilling one. Writes JSON lines to --out.
 
-    python benchmarks/kronecker_probe.py --out $OUT/kron_probe.jsonl [--budget 240]
+    python benchmarks/kronecker_probe.py --out $OUT/kron_probe.jsonl [--sweep] [--grad]
+    python benchmarks/kronecker_probe.py --report kron_probe.jsonl --out results/kronecker_probe.md
 """
 
 from __future__ import annotations
@@ -35,14 +36,60 @@ def bench(fn) -> float:
     return do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e-3
 
 
+def report(lines: list[str], top: int = 8) -> str:
+    """Markdown: per shape the dense and copy times, the fastest configs of each kernel, the
+    slowest one, and the autotuned parts."""
+    rows = [json.loads(line) for line in lines if line.strip()]
+    out = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        mine = [r for r in rows if r["shape"] == shape]
+        base = next((r for r in mine if "dense_s" in r), None)
+        out.append(f"### {shape}\n")
+        if base:
+            out.append(f"dense {base['dense_s'] * 1e6:.1f} µs; device copy of the same bytes "
+                       f"{base['copy_s'] * 1e6:.1f} µs\n")
+        for kind in ("fwd", "grad"):
+            ran = sorted((r for r in mine if r.get("kernel") == kind and "us" in r),
+                         key=lambda r: r["us"])
+            if not ran:
+                continue
+            failed = sum(1 for r in mine if r.get("kernel") == kind and "error" in r)
+            out.append(f"{kind}: {len(ran)} configs ran, {failed} failed (out of resources); "
+                       f"fastest {top} and the slowest:\n")
+            out.append("| TB | OCC | warps | stages | µs | × dense | of copy | regs | spills | smem |")
+            out.append("|---|---|---|---|---|---|---|---|---|---|")
+            for r in ran[:top] + ran[-1:]:
+                out.append(f"| {r['TB']} | {r['OCC']} | {r['num_warps']} | {r['num_stages']} | "
+                           f"{r['us']:.1f} | {r['vs_dense']:.2f} | {r['vs_copy']:.2f} | "
+                           f"{r['regs']} | {r['spills']} | {r['smem']} |")
+            out.append("")
+        parts = [r for r in mine if "part" in r]
+        if parts:
+            out.append("| autotuned path | host µs/call | eager µs | graphed µs |")
+            out.append("|---|---|---|---|")
+            for r in parts:
+                out.append(f"| {r['part']} | {r.get('host_us', float('nan')):.1f} | "
+                           f"{r.get('eager_us', r.get('us', float('nan'))):.1f} | "
+                           f"{r.get('graph_us', float('nan')):.1f} |")
+            out.append("")
+    return "\n".join(out) + "\n"
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
+    p.add_argument("--report", nargs="+", help="render these JSONL files as markdown to --out")
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--budget", type=float, default=240.0, help="seconds for the whole sweep")
     p.add_argument("--sweep", action="store_true", help="sweep the forward kernel's configs")
     p.add_argument("--grad", action="store_true", help="also sweep the gradient kernel")
     args = p.parse_args()
+    if args.report:
+        from pathlib import Path
+
+        lines = [ln for f in args.report for ln in Path(f).read_text().splitlines()]
+        Path(args.out).write_text(report(lines))
+        return
     deadline = time.time() + args.budget
     out = open(args.out, "w")
     t = args.tokens

@@ -16,7 +16,8 @@ COLUMNS = [("case", "{}"), ("residual_fraction", "{:g}"), ("backend", "{}"), ("g
            ("byte_ratio", "{:.2f}×"), ("efficiency_flops", "{:.0%}"),
            ("efficiency_bytes", "{:.0%}"), ("lowrank_tflops", "{:.0f}"),
            ("dense_backward_ms", "{:.4f}"), ("kron_backward_ms", "{:.4f}"),
-           ("backward_speedup", "{:.2f}×"), ("kernel_rel_error", "{:.1e}"), ("config", "{}")]
+           ("backward_speedup", "{:.2f}×"), ("graph_backward_speedup", "{:.2f}×"),
+           ("kernel_rel_error", "{:.1e}"), ("graph_error", "{}"), ("config", "{}")]
 
 
 def rows_of(data: dict) -> list[dict]:
@@ -94,6 +95,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("json", nargs="+")
     ap.add_argument("--out", required=True, help="path stem for .md and .png files")
+    ap.add_argument("--made-by", default="",
+                    help="markdown put first in the .md: the command(s) that produced the JSON")
     args = ap.parse_args()
     rows, machine = [], {}
     for f in args.json:
@@ -102,7 +105,8 @@ def main() -> None:
         rows += rows_of(data)
     stem = Path(args.out)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    header = f"Machine: {machine}\n\n" if machine else ""
+    header = (f"{args.made_by}\n\n" if args.made_by else "") + \
+        (f"Machine: {machine}\n\n" if machine else "")
     stem.with_suffix(".md").write_text(header + markdown(rows))
     for p in plots(rows, stem):
         print("wrote", p)

@@ -104,6 +104,25 @@ def test_every_specialization_change_is_a_new_entry_with_correct_results():
     assert launch.fast_launches == len(cases)
 
 
+@triton.jit
+def _scale_plain(x_ptr, y_ptr, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=m) * 2, mask=m)
+
+
+def test_launch_options_are_keyed_and_replayed():
+    """num_warps is a compile option, not a parameter: each value is its own entry, replayed."""
+    launch = LaunchCache(_scale_plain)
+    x = torch.randn(500, device=DEVICE)
+    for warps in (1, 2, 1, 2):
+        y = torch.empty_like(x)
+        launch((triton.cdiv(500, 64),), x, y, 500, BLOCK=64, num_warps=warps)
+        torch.testing.assert_close(y, x * 2)
+    if ON_GPU:
+        assert len(launch._entries) == 2 and launch.fast_launches == 2
+
+
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs")
 def test_fast_launches_are_captured_by_cuda_graphs():
     launch = LaunchCache(_axpb)

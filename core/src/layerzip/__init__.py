@@ -23,7 +23,7 @@ from .approximator import (
     LayerStats,
     Params,
 )
-from .backends import Backend, TritonKernelBackend, triton_interpreted
+from .backends import Backend, MeasuredBackend, TritonKernelBackend, triton_interpreted
 from .calibration import call_model, collect_stats
 from .checkpoint import load, load_record, read_manifest, save, save_record, write_atomic
 from .errors import CheckpointError, CompressionError, LayerzipError, PluginError, SpecError
@@ -50,7 +50,7 @@ __all__ = [
     "Approximator", "ApproxModule", "Backend", "CheckpointError", "CompressOutcome",
     "CompressionError", "Metric", "ModelSource", "TritonKernelBackend", "triton_interpreted",
     "Conv1DAdapter", "DenseWeightView", "Estimate", "FitContext", "LayerAdapter", "LayerRow",
-    "LaunchCache", "LayerStats", "LayerzipError", "LinearAdapter", "Params", "PivotStrategy", "Plan",
+    "LaunchCache", "LayerStats", "LayerzipError", "LinearAdapter", "MeasuredBackend", "Params", "PivotStrategy", "Plan",
     "PlannedLayer", "PluginError", "Registry", "Report", "Rule", "Spec", "SpecError",
     "WeightView", "__version__", "cache_dir", "call_model", "collect_stats", "compress", "get_approximator",
     "get_backend", "get_pivot_strategy", "get_registry", "hookimpl", "json_schema", "load",

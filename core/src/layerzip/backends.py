@@ -82,3 +82,61 @@ class TritonKernelBackend(Backend):
     def supports(self, x: Tensor) -> bool:
         on_device = x.device.type == "cuda" or (triton_interpreted() and x.device.type == "cpu")
         return on_device and not torch.compiler.is_compiling()
+
+
+class MeasuredBackend(Backend):
+    """Per input shape, time every other available backend of :attr:`op` once (CUDA events,
+    median of a few calls) and use the fastest from then on — the backend ``auto`` picks on a
+    GPU when a plugin registers one. Subclasses set ``op`` and :meth:`shape_key`: what besides
+    device, dtype and the bucketed token count decides a kernel's speed.
+
+    Calls that need gradients are measured separately and choose among differentiable backends
+    only, so this backend is itself differentiable. Choices are cached in :attr:`choices`.
+    Not available without a CUDA GPU: on a CPU there is one real kernel per op."""
+
+    name: ClassVar[str] = "autotune"
+    priority: ClassVar[int] = 30
+    description: ClassVar[str] = "measure the available backends once per shape on the GPU, " \
+                                 "use the fastest"
+    #: backends never measured (their first call compiles for minutes: torch.compile, TensorRT)
+    skip: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self):
+        self.choices: dict[tuple, Backend] = {}
+
+    def available(self) -> tuple[bool, str]:
+        if not torch.cuda.is_available():
+            return False, "measures on a CUDA GPU only (none found)"
+        return True, ""
+
+    def supports(self, x: Tensor) -> bool:
+        return x.device.type == "cuda" and not torch.compiler.is_compiling()
+
+    def shape_key(self, x: Tensor, *args) -> tuple:
+        """What, with device, dtype and the token count's power-of-two bucket, keys a choice."""
+        raise NotImplementedError
+
+    def candidates(self, x: Tensor, grad: bool) -> list[Backend]:
+        from .plugins import get_registry
+
+        return [b for b in get_registry().backends_for(self.op)
+                if b.name != self.name and b.name not in self.skip and b.available()[0]
+                and b.supports(x) and (b.differentiable or not grad)]
+
+    def __call__(self, x: Tensor, *args):
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(
+            isinstance(a, Tensor) and a.requires_grad for a in args))
+        t = x.numel() // max(x.shape[-1], 1)
+        key = (x.device, x.dtype, 1 << max(0, (t - 1).bit_length()), grad,
+               *self.shape_key(x, *args))
+        best = self.choices.get(key)
+        if best is None:
+            from .bench import time_callable
+
+            timed = []
+            with torch.no_grad():
+                for b in self.candidates(x, grad):
+                    timed.append((time_callable(lambda b=b: b(x, *args), rounds=5,
+                                                warmup=2).median, b))
+            best = self.choices[key] = min(timed, key=lambda tb: tb[0])[1]
+        return best(x, *args)

@@ -23,6 +23,9 @@ import torch
 from .backends import triton_interpreted
 
 _I32 = (-(2 ** 31), 2 ** 31 - 1)
+# keywords of a launch that are compile options, not kernel parameters: keyed by value (the
+# first call compiles the variant they ask for, the replay runs that variant)
+LAUNCH_OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg"})
 
 
 @functools.cache
@@ -89,9 +92,9 @@ class LaunchCache:
     ``kernel`` is a ``@triton.jit`` function or an ``@triton.autotune`` wrapper of one (configs
     without ``pre_hook``); ``grid`` is a tuple or a callable of the named arguments plus the
     chosen config's meta-parameters, as for Triton. Every parameter of the kernel must be passed
-    (defaults are not looked up), launch options (num_warps, …) are not: such calls always go
-    through Triton. Results are identical to Triton's own launch: the same compiled binary runs
-    with the same arguments."""
+    (defaults are not looked up: such calls always go through Triton); launch options
+    (num_warps, num_stages, num_ctas, maxnreg) are part of the key. Results are identical to
+    Triton's own launch: the same compiled binary runs with the same arguments."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -145,8 +148,8 @@ class LaunchCache:
         meta = dict(config.kwargs) if config is not None else {}
         named = dict(zip(self.arg_names, args), **kwargs)
         if compiled is None or any(n not in named and n not in meta for n in self.arg_names) \
-                or any(n not in self.arg_names for n in kwargs):
-            return None  # defaults to look up, or launch options: leave those to Triton
+                or any(n not in self.arg_names and n not in LAUNCH_OPTIONS for n in kwargs):
+            return None  # defaults to look up, or unknown keywords: leave those to Triton
         compiled._init_handles()
         return compiled, meta
 

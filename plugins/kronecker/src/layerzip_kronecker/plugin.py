@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import layerzip
-from layerzip import Backend, TritonKernelBackend
+from layerzip import Backend, MeasuredBackend, TritonKernelBackend
 
 from .method import Kronecker
 from .module import OP, add_residual_and_bias, kron_matmul_reference
@@ -20,16 +20,15 @@ class TorchKronBackend(Backend):
 
 
 class TritonKronBackend(TritonKernelBackend):
-    """The fused Triton vec-trick kernel (triton_kernel.py); residual and bias added after."""
+    """The fused Triton kernel (triton_kernel.py); residual and bias added after."""
 
     op = OP
     name = "triton"
-    # Opt-in (backend: triton): measured on the H100 it is 3× faster than torch at r=4 but slower
-    # at r=1 (benchmarks/results/kronecker_gpu.md), so 'auto' keeps the reference.
-    gpu_priority = -10
-    differentiable = True  # backward: the same kernel for dX, GEMMs for dA and dB
-    description = "fused Triton kernel: X_t read once, Σ Aₖ X_t Bₖᵀ on tensor cores, Y_t " \
-                  "written once; differentiable (dX by the same kernel)"
+    # above torch on a GPU: faster at every measured shape (benchmarks/results/kronecker_gpu.md)
+    gpu_priority = 10
+    differentiable = True  # backward: the same kernel for dX, one more kernel for dA and dB
+    description = "tiled persistent Triton kernel: x read once, Σ Aₖ X Bₖᵀ as two tensor-core " \
+                  "dots per token tile, y written once; differentiable (in-kernel dA, dB)"
 
     def __call__(self, x, a, b, res_idx, res_val, bias):
         from .triton_kernel import kron_fused_autograd
@@ -38,6 +37,18 @@ class TritonKronBackend(TritonKernelBackend):
         y = kron_fused_autograd(x, a, b)
         return add_residual_and_bias(y.reshape(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]),
                                      res_idx, res_val, bias).reshape(*lead, -1)
+
+
+class KronMeasuredBackend(MeasuredBackend):
+    """``autotune``: the fastest available kron_matmul kernel per (device, dtype, T bucket,
+    factor shapes, residual or not, bias or not), measured once — what ``auto`` picks on a
+    GPU."""
+
+    op = OP
+
+    def shape_key(self, x, a, b, res_idx, res_val, bias):
+        return (tuple(a.shape), tuple(b.shape), res_idx is not None and res_idx.numel() > 0,
+                bias is not None)
 
 
 @layerzip.hookimpl
@@ -49,3 +60,4 @@ def register_approximators(register):
 def register_backends(register):
     register(TorchKronBackend())
     register(TritonKronBackend())
+    register(KronMeasuredBackend())

@@ -165,13 +165,14 @@ if triton is not None:
 
     @triton.autotune(configs=_configs(), key=["T_BUCKET", "M1", "N1", "M2", "N2", "R"],
                      prune_configs_by={"early_config_prune": _prune},
-                     reset_to_zero=["da_ptr", "db_ptr"])
+                     reset_to_zero=["parts_ptr"])
     @triton.jit
-    def _kron_grad(x_ptr, dy_ptr, a_ptr, b_ptr, da_ptr, db_ptr, T, T_BUCKET, M1, N1, M2, N2,
+    def _kron_grad(x_ptr, dy_ptr, a_ptr, b_ptr, parts_ptr, T, T_BUCKET, M1, N1, M2, N2,
                    R: tl.constexpr, BM1: tl.constexpr, BN1: tl.constexpr, BM2: tl.constexpr,
                    BN2: tl.constexpr, PRECISION: tl.constexpr, TB: tl.constexpr,
                    OCC: tl.constexpr):
-        """Program (p, k): the partial sums of dAₖ and dBₖ over the tiles p owns."""
+        """Program (p, k): the partial sums of dAₖ and dBₖ over the tiles p owns, stored in row
+        (p, k) of parts."""
         pid = tl.program_id(0)
         k = tl.program_id(1)
         x_off, x_in, xt, y_off, y_in, yt = _tile_offsets(N1, N2, M1, M2, BM1, BN1, BM2, BN2, TB)
@@ -191,13 +192,14 @@ if triton is not None:
             g = tl.dot(dy, b, input_precision=PRECISION)                       # (BM1·TB, BN2)
             g = tl.reshape(g.to(x.dtype), (BM1, TB * BN2))
             da = tl.dot(g, tl.trans(x), da, input_precision=PRECISION)        # (BM1, BN1)
-        part = tl.cast(pid * R + k, tl.int64)
+        row = parts_ptr + tl.cast(pid * R + k, tl.int64) * (BM1 * BN1 + BM2 * BN2)
         ra, ca = tl.arange(0, BM1), tl.arange(0, BN1)
-        tl.store(da_ptr + part * BM1 * BN1 + ra[:, None] * BN1 + ca[None, :], da)
+        tl.store(row + ra[:, None] * BN1 + ca[None, :], da)
         rb, cb = tl.arange(0, BM2), tl.arange(0, BN2)
-        tl.store(db_ptr + part * BM2 * BN2 + rb[:, None] * BN2 + cb[None, :], db)
+        tl.store(row + BM1 * BN1 + rb[:, None] * BN2 + cb[None, :], db)
 
     _FWD, _GRAD = LaunchCache(_kron_fwd), LaunchCache(_kron_grad)
+    _MAX_OCC = max(c.kwargs["OCC"] for c in _kron_grad.configs)
 
 
 def _precision() -> str:
@@ -233,14 +235,19 @@ def kron_factor_grads(x2: torch.Tensor, dy: torch.Tensor, a: torch.Tensor,
     t = x2.shape[0]
     args = _shape_args(t, a, b)
     bm1, bn1, bm2, bn2 = args[7:11]
-    # one partial sum per program; slots of programs a config does not start stay zero
-    slots = _programs(x2, max(t, 1), max(c.kwargs["OCC"] for c in _kron_grad.configs))
-    da = torch.zeros((slots, r, bm1, bn1), device=x2.device, dtype=torch.float32)
-    db = torch.zeros((slots, r, bm2, bn2), device=x2.device, dtype=torch.float32)
+    # one row of partial sums per (program, term) — dAₖ then dBₖ, flattened; slots of programs
+    # a config does not start stay zero. One buffer and one sum: the host cost of this call is
+    # what an eager backward pays on top of the kernels.
+    slots = _programs(x2, max(t, 1), _MAX_OCC)
+    parts = torch.zeros((slots, r, bm1 * bn1 + bm2 * bn2), device=x2.device,
+                        dtype=torch.float32)
     if t:
         _GRAD(lambda meta: (_programs(x2, triton.cdiv(t, meta["TB"]), meta["OCC"]), r),
-              x2, dy, a.contiguous(), b.contiguous(), da, db, *args)
-    return (da.sum(0)[:, :m1, :n1].to(a.dtype), db.sum(0)[:, :m2, :n2].to(b.dtype))
+              x2, dy, a.contiguous(), b.contiguous(), parts, *args)
+    total = parts.sum(0)
+    da = total[:, :bm1 * bn1].view(r, bm1, bn1)[:, :m1, :n1]
+    db = total[:, bm1 * bn1:].view(r, bm2, bn2)[:, :m2, :n2]
+    return da.to(a.dtype), db.to(b.dtype)
 
 
 class _KronFused(torch.autograd.Function):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from layerzip import Backend, TritonKernelBackend
+from layerzip import Backend, MeasuredBackend, TritonKernelBackend
 
 OP = "lowrank_matmul"
 
@@ -235,46 +235,13 @@ class TritonDecodeBackend(TritonKernelBackend):
         return lowrank_decode(x, u, v, bias)
 
 
-class MeasuredBackend(Backend):
-    """Per shape, times every other available backend once (CUDA events, median of a few runs)
-    and uses the fastest from then on. The choice is cached per (device, dtype, T bucket, m, n,
-    r, bias); ``choices`` shows it. On the CPU there is nothing worth measuring: unavailable."""
+class LowRankMeasuredBackend(MeasuredBackend):
+    """``autotune``: the fastest available low-rank kernel per (device, dtype, T bucket, m, n,
+    r, bias), measured once (torch.compile and TensorRT are not measured: their first call
+    compiles for minutes)."""
 
     op = OP
-    name = "autotune"
-    priority = 30
-    differentiable = False  # its pick may be a non-differentiable kernel
-    description = "measure the available backends once per shape on the GPU, use the fastest"
+    skip = ("compile", "tensorrt")
 
-    def __init__(self):
-        self.choices: dict = {}
-
-    def available(self):
-        if not torch.cuda.is_available():
-            return False, "measures on a CUDA GPU only (none found)"
-        return True, ""
-
-    def supports(self, x):
-        return x.device.type == "cuda" and not torch.compiler.is_compiling()
-
-    def _candidates(self, x):
-        import layerzip
-
-        return [b for b in layerzip.get_registry().backends_for(OP)
-                if b.name not in (self.name, "compile", "tensorrt") and b.available()[0]
-                and b.supports(x)]
-
-    def __call__(self, x, u, v, bias):
-        t = x.numel() // x.shape[-1]
-        key = (x.device, x.dtype, 1 << max(0, (t - 1).bit_length()), tuple(u.shape),
-               tuple(v.shape), bias is not None)
-        best = self.choices.get(key)
-        if best is None:
-            from layerzip.bench import time_callable
-
-            timed = {}
-            for b in self._candidates(x):
-                timed[b.name] = (time_callable(lambda b=b: b(x, u, v, bias), rounds=5,
-                                               warmup=2).median, b)
-            best = self.choices[key] = min(timed.values(), key=lambda tb: tb[0])[1]
-        return best(x, u, v, bias)
+    def shape_key(self, x, u, v, bias):
+        return tuple(u.shape), tuple(v.shape), bias is not None

@@ -39,7 +39,7 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
 
-from layerzip import triton_interpreted
+from layerzip import LaunchCache, triton_interpreted
 
 from .triton_kernel import _next_pow2
 
@@ -105,6 +105,10 @@ if triton is not None:
                 zs = tl.arange(0, RP)
                 for t in range(0, BT):
                     tl.store(h_ptr + t * RP + zs, tl.zeros((RP,), dtype=tl.float32))
+
+
+    # the decode call is host-bound in eager mode: skip Triton's per-call dispatch
+    _DECODE = LaunchCache(_decode_kernel)
 
 
 def _clamp_pow2(n: int, lo: int, hi: int) -> int:
@@ -181,11 +185,10 @@ def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
             y.stride(0), y.stride(1))
     meta = {k: p[k] for k in ("BT", "KC", "BR", "BN", "BK2", "RP")}
     if fused:
-        _decode_kernel[(g,)](*args, HAS_BIAS=bias is not None, PHASE=0, **meta,
-                             num_warps=p["warps"])
+        _DECODE((g,), *args, HAS_BIAS=bias is not None, PHASE=0, **meta, num_warps=p["warps"])
     else:
         h[: p["BT"] * p["RP"]].zero_()
         for phase in (1, 2):
-            _decode_kernel[(g,)](*args, HAS_BIAS=bias is not None, PHASE=phase, **meta,
-                                 num_warps=p["warps"])
+            _DECODE((g,), *args, HAS_BIAS=bias is not None, PHASE=phase, **meta,
+                    num_warps=p["warps"])
     return y.reshape(*lead, m)

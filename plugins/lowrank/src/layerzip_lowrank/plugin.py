@@ -7,7 +7,7 @@ import layerzip
 from .backends import (
     CompileBackend,
     FP8Backend,
-    MeasuredBackend,
+    LowRankMeasuredBackend,
     SplitKBackend,
     TensorRTBackend,
     TorchBackend,
@@ -33,4 +33,4 @@ def register_backends(register):
     register(TritonBackend())
     register(SplitKBackend())
     register(TritonDecodeBackend())
-    register(MeasuredBackend())
+    register(LowRankMeasuredBackend())

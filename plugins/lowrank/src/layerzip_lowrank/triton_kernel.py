@@ -23,7 +23,7 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
 
-from layerzip import triton_interpreted
+from layerzip import LaunchCache, triton_interpreted
 
 INTERPRET = triton_interpreted()
 
@@ -92,6 +92,8 @@ if triton is not None:
             tl.store(y_ptr + rows[:, None] * syt + cols[None, :] * sym,
                      acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
+    _FUSED = LaunchCache(_lowrank_fused_kernel)
+
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
@@ -113,7 +115,7 @@ def lowrank_fused(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
     def grid(meta):
         return (triton.cdiv(t, meta["BM"]),)
 
-    _lowrank_fused_kernel[grid](
+    _FUSED(grid,
         x2, v, u, bias if bias is not None else y, h, y,
         t, n, m, r, _next_pow2(t),
         x2.stride(0), x2.stride(1), v.stride(0), v.stride(1), u.stride(0), u.stride(1),

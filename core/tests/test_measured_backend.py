@@ -1,0 +1,90 @@
+"""MeasuredBackend: times the op's other backends once per shape key and keeps the fastest;
+calls that need gradients choose among differentiable backends only. Run on the CPU through a
+subclass that accepts CPU inputs (the real ones measure on a GPU only)."""
+
+import time
+import types
+
+import pytest
+import torch
+
+import layerzip
+from layerzip import Backend, MeasuredBackend
+
+OP = "measured_toy"
+
+
+class Slow(Backend):
+    op, name, priority, reference = OP, "slow", 0, True
+    calls = 0
+
+    def __call__(self, x, w):
+        Slow.calls += 1
+        time.sleep(0.002)
+        return x @ w
+
+
+class FastNoGrad(Backend):
+    op, name, priority, differentiable = OP, "fast", 5, False
+    calls = 0
+
+    def __call__(self, x, w):
+        FastNoGrad.calls += 1
+        return (x @ w).detach()
+
+
+class Skipped(Backend):
+    op, name, priority = OP, "never", 1
+
+    def __call__(self, x, w):
+        raise AssertionError("a backend named in skip must not be measured")
+
+
+class CpuMeasured(MeasuredBackend):
+    op = OP
+    skip = ("never",)
+
+    def supports(self, x):
+        return True
+
+    def shape_key(self, x, w):
+        return (tuple(w.shape),)
+
+
+@pytest.fixture
+def measured(register_plugin):
+    plugin = types.SimpleNamespace(register_backends=layerzip.hookimpl(
+        lambda register: [register(b) for b in (Slow(), FastNoGrad(), Skipped())]))
+    register_plugin(plugin, "measured-toy")
+    Slow.calls = FastNoGrad.calls = 0
+    return CpuMeasured()
+
+
+def test_picks_the_fastest_once_per_shape(measured):
+    x, w = torch.randn(4, 8), torch.randn(8, 3)
+    torch.testing.assert_close(measured(x, w), x @ w)
+    assert measured.choices and all(b.name == "fast" for b in measured.choices.values())
+    timed = Slow.calls
+    assert timed > 0, "the slow candidate was measured too"
+    measured(x, w)
+    assert Slow.calls == timed, "the choice is cached: no second measurement"
+    measured(x, torch.randn(8, 5))  # a new shape key: measured again
+    assert len(measured.choices) == 2 and Slow.calls > timed
+
+
+def test_calls_needing_gradients_choose_a_differentiable_backend(measured):
+    x, w = torch.randn(4, 8), torch.randn(8, 3, requires_grad=True)
+    y = measured(x, w)
+    assert y.requires_grad, "the non-differentiable kernel would have dropped the gradient"
+    y.sum().backward()
+    assert w.grad is not None
+    (choice,) = measured.choices.values()
+    assert choice.name == "slow"
+    assert measured.accepts(x, w), "MeasuredBackend itself never drops a gradient"
+
+
+def test_unavailable_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    ok, why = CpuMeasured().available()
+    assert not ok and "CUDA GPU" in why
