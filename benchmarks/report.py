@@ -9,7 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
-COLUMNS = [("case", "{}"), ("residual_fraction", "{:g}"), ("backend", "{}"), ("graphs", "{}"),
+COLUMNS = [("case", "{}"), ("residual_fraction", "{:g}"), ("residual_structure", "{}"),
+           ("backend", "{}"), ("graphs", "{}"),
            ("dense_ms", "{:.4f}"), ("lowrank_ms", "{:.4f}"), ("speedup", "{:.2f}×"),
            ("graph_dense_ms", "{:.4f}"), ("graph_kron_ms", "{:.4f}"),
            ("graph_speedup", "{:.2f}×"), ("host_us", "{:.0f}"), ("flop_ratio", "{:.2f}×"),

@@ -8,29 +8,43 @@ import layerzip
 from layerzip.bench import graphed, host_time, pedantic, time_callable
 from layerzip_kronecker.module import kron_matmul_reference
 
-CASES = [  # (T, (m1, n1), (m2, n2), rank, residual fraction)
+CASES = [  # (T, (m1, n1), (m2, n2), rank, residual fraction[, residual structure])
     (8192, (64, 64), (64, 64), 1, 0.0),
     (8192, (64, 64), (64, 64), 4, 0.0),
     (8192, (64, 64), (64, 64), 1, 0.01),
+    (8192, (64, 64), (64, 64), 1, 0.01, "blocks"),  # 40 of the 4096 64×64 blocks
     (8192, (48, 24), (64, 32), 1, 0.0),   # GPT-2 c_fc: 3072×768
     (8192, (32, 24), (48, 24), 1, 0.0),   # SmolLM2 gate/up: 1536×576
 ]
 
 
-def build(t, f1, f2, r, frac, device, dtype, seed=0):
+def build(t, f1, f2, r, frac, device, dtype, seed=0, structure="entries"):
     g = torch.Generator().manual_seed(seed)
     (m1, n1), (m2, n2) = f1, f2
     m, n = m1 * m2, n1 * n2
     a = torch.randn(r, m1, n1, generator=g).to(device, dtype)
     b = torch.randn(r, m2, n2, generator=g).to(device, dtype)
+    x = torch.randn(t, n, generator=g).to(device, dtype)
+    w = torch.einsum("kij,kab->iajb", a.float(), b.float()).reshape(m, n)
+    if structure == "blocks":  # block p·n1 + q = rows p·m2…, columns q·n2…
+        nb = int(frac * m * n / (m2 * n2))
+        idx = torch.randperm(m1 * n1, generator=g)[:nb].sort().values.to(device, torch.int32)
+        val = torch.randn(nb, m2, n2, generator=g).to(device, dtype)
+        for blk, v in zip(idx.tolist(), val.float()):
+            p, q = divmod(blk, n1)
+            w[p * m2:(p + 1) * m2, q * n2:(q + 1) * n2] += v
+        return x, a, b, idx, val, w.to(dtype)
     nnz = int(frac * m * n)
     idx = torch.randperm(m * n, generator=g)[:nnz].sort().values.to(device, torch.int32)
     val = torch.randn(nnz, generator=g).to(device, dtype)
-    x = torch.randn(t, n, generator=g).to(device, dtype)
-    w = torch.einsum("kij,kab->iajb", a.float(), b.float()).reshape(m, n)
     if nnz:
         w.view(-1).index_add_(0, idx.long(), val.float())
     return x, a, b, idx, val, w.to(dtype)
+
+
+def _case_id(c):
+    return "T{}_{}x{}_r{}_res{}{}".format(c[0], c[1][0] * c[2][0], c[1][1] * c[2][1], c[3], c[4],
+                                          "_blocks" if c[5:] == ("blocks",) else "")
 
 
 def _graph_time(fn, benchmark, rounds=30):
@@ -46,11 +60,12 @@ def _graph_time(fn, benchmark, rounds=30):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}_{}x{}_r{}_res{}".format(
-    c[0], c[1][0] * c[2][0], c[1][1] * c[2][1], c[3], c[4]))
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_kron_forward(benchmark, case, backend):
-    t, f1, f2, r, frac = case
-    x, a, b, idx, val, w = build(t, f1, f2, r, frac, "cuda", torch.bfloat16)
+    t, f1, f2, r, frac = case[:5]
+    structure = case[5] if len(case) > 5 else "entries"
+    x, a, b, idx, val, w = build(t, f1, f2, r, frac, "cuda", torch.bfloat16,
+                                 structure=structure)
     be = layerzip.get_backend("kron_matmul", backend)
     with torch.no_grad():
         be(x, a, b, idx, val, None)  # autotune outside the timing
@@ -66,9 +81,10 @@ def test_kron_forward(benchmark, case, backend):
         pedantic(benchmark, lambda: be(x, a, b, idx, val, None), rounds=10)
     m, n = w.shape
     (m1, n1), (m2, _) = f1, f2
-    flops = r * 2 * t * (n * m2 + m1 * n1 * m2) + 2 * t * idx.numel()
+    flops = r * 2 * t * (n * m2 + m1 * n1 * m2) + 2 * t * val.numel()
     benchmark.extra_info.update({
         "T": t, "n": n, "m": m, "r": r, "residual_fraction": frac, "backend": backend,
+        "residual_structure": structure if frac else None,
         "dense_ms": dense.median * 1e3, "lowrank_ms": kron.median * 1e3,
         "speedup": dense.median / kron.median, "flop_ratio": 2 * t * m * n / flops,
         "graph_dense_ms": g_dense.median * 1e3, "host_us": host * 1e6,
@@ -81,7 +97,7 @@ def test_kron_forward(benchmark, case, backend):
         benchmark.extra_info["config"] = str(_kron_fwd.best_config)
 
 
-BACKWARD_CASES = [c for c in CASES if c[4] == 0.0][:2] + [CASES[3]]  # r=1, r=4, GPT-2 shape
+BACKWARD_CASES = [c for c in CASES if c[4] == 0.0][:3]  # r=1, r=4, GPT-2 shape
 
 
 @pytest.mark.gpu

@@ -18,3 +18,15 @@ class TestKroneckerAuto(ApproximatorConformance):
     full_budget = None
     bad_params = [{"ratio": 1.0}]
     check_compile = False  # covered by TestKronecker
+
+
+class TestKroneckerBlockResidual(ApproximatorConformance):
+    method = "kronecker"
+    # a residual of whole 8×8 blocks of the factor grid (48×32 has 6·4 = 24 of them)
+    budgets = [{"factors": [[6, 4], [8, 8]], "rank": 4, "residual_fraction": f,
+                "residual_structure": "blocks"} for f in (0.1, 0.3, 0.6)]
+    # every block kept (24 · (64 values + 1 index)): the residual alone makes it exact
+    full_budget = {"factors": [[6, 4], [8, 8]], "rank": 1, "residual_params": 24 * 65,
+                   "residual_structure": "blocks"}
+    bad_params = [{"residual_structure": "rows"}]
+    check_compile = False  # covered by TestKronecker

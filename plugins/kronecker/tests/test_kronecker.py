@@ -170,3 +170,63 @@ def test_residual_gradients_equal_the_dense_layers():
     wx, wv = torch.autograd.grad(x2 @ w.t(), (x2, v2), dy)
     torch.testing.assert_close(gx, wx)
     torch.testing.assert_close(gv, wv)
+
+
+def test_block_residual_keeps_whole_blocks_by_energy_within_budget():
+    w = torch.randn(24, 16, generator=torch.Generator().manual_seed(12))
+    (m1, n1), (m2, n2) = (4, 4), (6, 4)
+    base = fit(w, factors=[[m1, n1], [m2, n2]], rank=1)
+    m = fit(w, factors=[[m1, n1], [m2, n2]], rank=1, residual_fraction=0.2,
+            residual_structure="blocks")
+    nb = int(0.2 * w.numel() / (m2 * n2))
+    assert m.res_idx.shape == (nb,) and m.res_val.shape == (nb, m2, n2)
+    assert m.fit_details["residual_nnz"] == nb * m2 * n2
+    # the kept blocks are exactly the residual there, and the highest-energy ones
+    resid = w.double() - kron_sum(m.a.detach().double(), m.b.detach().double())
+    energy = rearrange(resid.square(), m1, n1, m2, n2).sum(1)
+    assert set(m.res_idx.tolist()) == set(torch.topk(energy, nb).indices.tolist())
+    err = w.double() - m.dense_weight().double()
+    kept = rearrange(err, m1, n1, m2, n2)[m.res_idx.long()]
+    assert float(kept.abs().max()) < 1e-6, "a kept block leaves no error"
+    assert m.fit_details["relative_error"] < base.fit_details["relative_error"]
+    assert m.fit_details["relative_error"] == pytest.approx(
+        float(err.norm() / w.double().norm()), rel=1e-5)
+    # residual_params: each block costs m2·n2 values + one int32 index (float32: 1 unit)
+    m = fit(w, factors=[[m1, n1], [m2, n2]], rank=1, residual_params=2 * (m2 * n2 + 1) + 3,
+            residual_structure="blocks")
+    assert m.res_idx.numel() == 2
+
+
+def test_block_and_entry_residuals_agree_with_the_dense_layer_forward_and_backward():
+    w = torch.randn(24, 16, generator=torch.Generator().manual_seed(13))
+    for structure in ("entries", "blocks"):
+        m = fit(w, factors=[[4, 4], [6, 4]], rank=2, residual_fraction=0.25,
+                residual_structure=structure)
+        x = torch.randn(3, 5, 16, requires_grad=True)
+        dense = m.dense_weight()
+        torch.testing.assert_close(m(x), x @ dense.t(), rtol=1e-4, atol=1e-5)
+        dy = torch.randn(3, 5, 24)
+        gx, gv = torch.autograd.grad(m(x), (x, m.res_val), dy)
+        torch.testing.assert_close(gx, dy @ dense, rtol=1e-4, atol=1e-5)
+        # dS from the dense layer's gradient at the kept positions
+        dw = torch.einsum("...i,...j->ij", dy, x.detach())
+        if structure == "blocks":
+            want = rearrange(dw, 4, 4, 6, 4)[m.res_idx.long()].reshape(gv.shape)
+        else:
+            want = dw.reshape(-1)[m.res_idx.long()]
+        torch.testing.assert_close(gv, want, rtol=1e-4, atol=1e-4)
+
+
+def test_block_residual_round_trips_through_save_and_load(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24))
+    spec = {"rules": [{"targets": ["0"], "method": "kronecker",
+                       "params": {"factors": [[4, 4], [6, 4]], "rank": 1,
+                                  "residual_fraction": 0.25, "residual_structure": "blocks"}}]}
+    layerzip.compress(model, spec)
+    x = torch.randn(4, 16)
+    ref = model(x)
+    layerzip.save(model, tmp_path / "ck")
+    fresh = torch.nn.Sequential(torch.nn.Linear(16, 24))
+    layerzip.load(fresh, tmp_path / "ck")
+    assert fresh[0].residual_structure == "blocks" and fresh[0].res_val.dim() == 3
+    torch.testing.assert_close(fresh(x), ref)

@@ -41,6 +41,11 @@ class KroneckerParams(Params):
         "residual budget in parameter units, counting each kept entry's int32 index honestly"))
     residual_score: Literal["magnitude", "activation"] = Field(default="magnitude", description=(
         "'magnitude' = |Rᵢⱼ|; 'activation' = |Rᵢⱼ|·‖xⱼ‖ from calibration inputs"))
+    residual_structure: Literal["entries", "blocks"] = Field(default="entries", description=(
+        "'entries' keeps the largest single entries (most accurate, slow on GPUs: gathers); "
+        "'blocks' keeps whole m2×n2 blocks of the factor grid — block (p, q) is E_pq ⊗ S_pq, "
+        "so the kernel applies it with tensor-core dots — chosen by their summed squared score, "
+        "each costing its m2·n2 values plus one int32 index"))
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -99,14 +104,30 @@ class Kronecker(Approximator):
         m, n = view.shape
         return (1 - (params.ratio or 0.0)) * m * n
 
-    def _residual_nnz(self, view: WeightView, params) -> int:
+    def _residual_nnz(self, view: WeightView, params, block: int = 1) -> int:
+        """Kept residual entries; with blocks of `block` entries, a multiple of it (each block
+        costs `block` values + one index)."""
         m, n = view.shape
-        cost = _index_cost(view.dtype)
+        if params.residual_structure == "blocks":
+            idx_cost = _index_cost(view.dtype) - 1
+            if params.residual_fraction is not None:
+                return math.floor(params.residual_fraction * m * n / block) * block
+            if params.residual_params is not None:
+                return math.floor(params.residual_params / (block + idx_cost)) * block
+            return 0
         if params.residual_fraction is not None:
             return math.floor(params.residual_fraction * m * n)
         if params.residual_params is not None:
-            return math.floor(params.residual_params / cost)
+            return math.floor(params.residual_params / _index_cost(view.dtype))
         return 0
+
+    def _residual_cost(self, view: WeightView, params, block: int) -> float:
+        """Parameter units the residual takes: values plus int32 indices (one per entry, or
+        one per block)."""
+        nnz = self._residual_nnz(view, params, block)
+        if params.residual_structure == "blocks":
+            return nnz + (nnz // block) * (_index_cost(view.dtype) - 1)
+        return nnz * _index_cost(view.dtype)
 
     def _rank_for(self, view, params, m1, n1, m2, n2) -> int:
         cap = min(m1 * n1, m2 * n2)
@@ -114,7 +135,7 @@ class Kronecker(Approximator):
             return min(params.rank or 1, cap)
         budget = self._budget(view, params)
         if params.residual_fraction is not None or params.residual_params is not None:
-            budget -= self._residual_nnz(view, params) * _index_cost(view.dtype)
+            budget -= self._residual_cost(view, params, m2 * n2)
         return max(1, min(cap, math.floor(budget / (m1 * n1 + m2 * n2))))
 
     def _candidates(self, view: WeightView, params) -> list[tuple[int, int, int, int]]:
@@ -153,10 +174,11 @@ class Kronecker(Approximator):
     def estimate(self, view: WeightView, params) -> Estimate:
         m1, n1, m2, n2, r = self._choose(view, params)
         m, n = view.shape
-        nnz = self._residual_nnz(view, params)
+        nnz = self._residual_nnz(view, params, m2 * n2)
         # vec trick per term: X Bᵀ costs 2·n1·n2·m2, A (X Bᵀ) costs 2·m1·n1·m2
         flops = r * 2 * (n1 * n2 * m2 + m1 * n1 * m2) + 2 * nnz
-        return Estimate(kron_params(m1, n1, m2, n2, r) + math.ceil(nnz * _index_cost(view.dtype))
+        return Estimate(kron_params(m1, n1, m2, n2, r)
+                        + math.ceil(self._residual_cost(view, params, m2 * n2))
                         + (m if view.bias is not None else 0), flops)
 
     # -- fitting ---------------------------------------------------------------------------
@@ -174,9 +196,11 @@ class Kronecker(Approximator):
             alpha = 1.0
         a = a * alpha
         resid = w - alpha * approx
-        nnz = min(self._residual_nnz(view, params), w.numel())
+        blocks = params.residual_structure == "blocks"
+        nnz = min(self._residual_nnz(view, params, m2 * n2), w.numel())
         idx = torch.zeros(0, dtype=torch.int64)
         vals = torch.zeros(0, dtype=torch.float64)
+        kept = torch.zeros(0, dtype=torch.int64)  # flat entry indices, for the error below
         if nnz:
             score = resid.abs()
             if params.residual_score == "activation":
@@ -185,11 +209,19 @@ class Kronecker(Approximator):
                     raise ValueError("residual_score 'activation' needs calibration inputs: "
                                      "pass calibration=... (or --calib FILE)")
                 score = score * stats.gram.diagonal().clamp_min(0).sqrt().to(score)[None, :]
-            idx = torch.topk(score.reshape(-1), nnz).indices.sort().values
-            vals = resid.reshape(-1)[idx]
+            if blocks:  # block (p, q) = rows p·m2…, columns q·n2…: row p·n1 + q of R(·)
+                energy = rearrange(score.square(), m1, n1, m2, n2).sum(1)
+                idx = torch.topk(energy, nnz // (m2 * n2)).indices.sort().values
+                vals = rearrange(resid, m1, n1, m2, n2)[idx].reshape(-1, m2, n2)
+                grid = torch.arange(w.numel()).reshape(w.shape)
+                kept = rearrange(grid, m1, n1, m2, n2)[idx].reshape(-1)
+            else:
+                idx = kept = torch.topk(score.reshape(-1), nnz).indices.sort().values
+                vals = resid.reshape(-1)[idx]
         module = KroneckerLinear(view.out_features, view.in_features, [[m1, n1], [m2, n2]], r,
                                  nnz=int(idx.numel()), bias=view.bias is not None,
-                                 backend=context.backend)
+                                 backend=context.backend,
+                                 residual_structure=params.residual_structure)
         with torch.no_grad():
             module.a.copy_(a)
             module.b.copy_(b)
@@ -200,9 +232,10 @@ class Kronecker(Approximator):
         wn = float(torch.linalg.matrix_norm(w).clamp_min(1e-300))
         kron_err = float(torch.linalg.matrix_norm(resid))
         final = resid.reshape(-1).clone()
-        final[idx] = 0
+        final[kept] = 0
         module.fit_details = {
-            "factors": [[m1, n1], [m2, n2]], "rank": r, "alpha": alpha, "residual_nnz": int(nnz),
+            "factors": [[m1, n1], [m2, n2]], "rank": r, "alpha": alpha,
+            "residual_nnz": int(kept.numel()), "residual_structure": params.residual_structure,
             "predicted_relative_error": tail_error(s, r) / wn,
             "kronecker_relative_error": kron_err / wn,
             "relative_error": float(final.norm()) / wn,

@@ -30,11 +30,31 @@ def kron_matmul_reference(x: Tensor, a: Tensor, b: Tensor, res_idx: Tensor | Non
                                  bias).reshape(*lead, m1 * m2)
 
 
+def add_block_residual(y: Tensor, x2: Tensor, blocks: Tensor, values: Tensor,
+                       n1: int) -> Tensor:
+    """y (T, m1·m2) + Σ_b (E_{p q} ⊗ S_b) x2: block b = p·n1 + q of the factor grid holds
+    S_b = values[b] (m2 × n2) — for every token, Y[p, :] += X[q, :] S_bᵀ (x2 viewed as (T, n1,
+    n2)). A gather of the blocks' x rows, one batched product, an index_add over block rows;
+    differentiable in x2 and values."""
+    nb, m2, n2 = values.shape
+    t = x2.shape[0]
+    idx = blocks.long()
+    xq = x2.reshape(t, n1, n2).index_select(1, idx % n1)                  # (T, nb, n2)
+    contrib = torch.einsum("tbl,bjl->tbj", xq, values.to(x2.dtype))       # (T, nb, m2)
+    y3 = y.reshape(t, -1, m2).index_add(1, idx // n1, contrib.to(y.dtype))
+    return y3.reshape(t, -1)
+
+
 def add_residual_and_bias(y: Tensor, x2: Tensor, res_idx: Tensor | None,
                           res_val: Tensor | None, bias: Tensor | None) -> Tensor:
-    """y (T, m) + S x2 (T, n) + bias, with S the sparse residual from sorted flat indices."""
+    """y (T, m) + S x2 (T, n) + bias. S is the sparse residual: with res_val of shape (nnz,),
+    single entries at sorted flat indices; with res_val of shape (nb, m2, n2), whole blocks of
+    the factor grid at block indices p·n1 + q (see :func:`add_block_residual`)."""
     n = x2.shape[-1]
-    if res_idx is not None and res_idx.numel():
+    if res_val is not None and res_val.dim() == 3:
+        if res_idx.numel():
+            y = add_block_residual(y, x2, res_idx, res_val, n // res_val.shape[2])
+    elif res_idx is not None and res_idx.numel():
         m = y.shape[-1]
         idx = res_idx.long()
         rows = idx // n  # the flat indices are sorted, so rows are too: CSR directly
@@ -59,9 +79,12 @@ class KroneckerLinear(ApproxModule):
     residual stored as flat int32 indices + values (no dense copy), and the bias."""
 
     def __init__(self, out_features: int, in_features: int, factors, rank: int, nnz: int = 0,
-                 bias: bool = True, backend: str = "auto"):
+                 bias: bool = True, backend: str = "auto", residual_structure: str = "entries"):
         super().__init__()
         (m1, n1), (m2, n2) = factors
+        if residual_structure not in ("entries", "blocks"):
+            raise ValueError(f"residual_structure must be 'entries' or 'blocks', got "
+                             f"{residual_structure!r}")
         if m1 * m2 != out_features or n1 * n2 != in_features:
             raise ValueError(f"factors {factors} do not multiply to {out_features}×{in_features}")
         self.out_features, self.in_features, self.rank = int(out_features), int(in_features), \
@@ -69,8 +92,11 @@ class KroneckerLinear(ApproxModule):
         self.factors = [[int(m1), int(n1)], [int(m2), int(n2)]]
         self.a = nn.Parameter(torch.zeros(rank, m1, n1))
         self.b = nn.Parameter(torch.zeros(rank, m2, n2))
+        # nnz indices: flat entry indices, or block indices p·n1 + q with (m2 × n2) values each
+        self.residual_structure = residual_structure
         self.register_buffer("res_idx", torch.zeros(nnz, dtype=torch.int32))
-        self.res_val = nn.Parameter(torch.zeros(nnz))
+        self.res_val = nn.Parameter(torch.zeros(
+            (nnz, m2, n2) if residual_structure == "blocks" else (nnz,)))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         kernel = layerzip.get_backend(OP, backend)
         self.backend_name, self._kernel = kernel.name, kernel
@@ -83,17 +109,23 @@ class KroneckerLinear(ApproxModule):
 
     @torch.no_grad()
     def dense_weight(self) -> Tensor:
-        from .factorize import kron_sum
+        from .factorize import kron_sum, rearrange
 
         w = kron_sum(self.a.double(), self.b.double())
-        if self.res_idx.numel():
+        if self.res_idx.numel() and self.residual_structure == "blocks":
+            (m1, n1), (m2, n2) = self.factors
+            r_w = rearrange(w, m1, n1, m2, n2)  # a copy: block (p, q) is row p·n1 + q
+            r_w.index_add_(0, self.res_idx.long(), self.res_val.double().reshape(-1, m2 * n2))
+            w = r_w.reshape(m1, n1, m2, n2).permute(0, 2, 1, 3).reshape(m1 * m2, n1 * n2)
+        elif self.res_idx.numel():
             w.view(-1).index_add_(0, self.res_idx.long(), self.res_val.double())
         return w.float()
 
     def config(self) -> dict:
         return {"out_features": self.out_features, "in_features": self.in_features,
                 "factors": self.factors, "rank": self.rank, "nnz": int(self.res_idx.numel()),
-                "bias": self.bias is not None, "backend": self.backend_name}
+                "bias": self.bias is not None, "backend": self.backend_name,
+                "residual_structure": self.residual_structure}
 
     @classmethod
     def from_config(cls, config: dict) -> KroneckerLinear:
@@ -101,4 +133,5 @@ class KroneckerLinear(ApproxModule):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"factors={self.factors}, rank={self.rank}, residual_nnz={self.res_idx.numel()}")
+                f"factors={self.factors}, rank={self.rank}, residual_nnz={self.res_val.numel()}"
+                f"{' in ' + str(self.res_idx.numel()) + ' blocks' if self.res_val.dim() == 3 else ''}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 import layerzip
 from layerzip import Backend, MeasuredBackend, TritonKernelBackend
 
@@ -31,12 +33,18 @@ class TritonKronBackend(TritonKernelBackend):
                   "dots per token tile, y written once; differentiable (in-kernel dA, dB)"
 
     def __call__(self, x, a, b, res_idx, res_val, bias):
-        from .triton_kernel import kron_fused_autograd
+        from .triton_kernel import add_block_residual_, kron_fused_autograd
 
         lead = x.shape[:-1]
-        y = kron_fused_autograd(x, a, b)
-        return add_residual_and_bias(y.reshape(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]),
-                                     res_idx, res_val, bias).reshape(*lead, -1)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = kron_fused_autograd(x2, a, b)
+        if res_val is not None and res_val.dim() == 3 and not (torch.is_grad_enabled() and (
+                x.requires_grad or a.requires_grad or b.requires_grad or res_val.requires_grad)):
+            # block residual in place on the fresh y (a kernel of tensor-core dots); with
+            # gradients, the differentiable torch form below
+            y = add_block_residual_(y, x2.contiguous(), res_idx, res_val)
+            res_idx = res_val = None
+        return add_residual_and_bias(y, x2, res_idx, res_val, bias).reshape(*lead, -1)
 
 
 class KronMeasuredBackend(MeasuredBackend):

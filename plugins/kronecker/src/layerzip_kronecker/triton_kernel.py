@@ -198,7 +198,47 @@ if triton is not None:
         rb, cb = tl.arange(0, BM2), tl.arange(0, BN2)
         tl.store(row + BM1 * BN1 + rb[:, None] * BN2 + cb[None, :], db)
 
+    def _block_configs():
+        if INTERPRET:
+            return [triton.Config({"BT": 16}, num_warps=1)]
+        return [triton.Config({"BT": bt}, num_warps=w, num_stages=3)
+                for bt, w in ((128, 4), (64, 4), (128, 8), (256, 8))][:2 if QUICK else None]
+
+    # y is updated in place: the autotuner must restore it after each timed run
+    @triton.autotune(configs=_block_configs(), key=["T_BUCKET", "M2", "N2"],
+                     restore_value=["y_ptr"])
+    @triton.jit
+    def _kron_block_residual(x_ptr, s_ptr, idx_ptr, rowptr_ptr, y_ptr, T, T_BUCKET, N1, N2, M2,
+                             BM2: tl.constexpr, BN2: tl.constexpr, PRECISION: tl.constexpr,
+                             BT: tl.constexpr):
+        """y[t, p·m2 : (p+1)·m2] += Σ_b x[t, q_b·n2 : (q_b+1)·n2] · S_bᵀ over the blocks b of
+        block row p (block index p·n1 + q, sorted; rowptr from the host). Program (tile, p)
+        owns its y block, so the read-modify-write needs no atomics."""
+        t0 = tl.cast(tl.program_id(0), tl.int64) * BT
+        p = tl.program_id(1)
+        start = tl.load(rowptr_ptr + p)
+        end = tl.load(rowptr_ptr + p + 1)
+        if start < end:
+            rt = tl.arange(0, BT)
+            cl = tl.arange(0, BN2)
+            cj = tl.arange(0, BM2)
+            tok = (t0 + rt) < T
+            acc = tl.zeros((BT, BM2), dtype=tl.float32)
+            for blk in range(start, end):
+                q = tl.load(idx_ptr + blk) % N1
+                xq = tl.load(x_ptr + (t0 + rt[:, None]) * (N1 * N2) + q * N2 + cl[None, :],
+                             mask=tok[:, None] & (cl[None, :] < N2), other=0.0)
+                st = tl.load(s_ptr + tl.cast(blk, tl.int64) * M2 * N2 + cj[None, :] * N2
+                             + cl[:, None], mask=(cl[:, None] < N2) & (cj[None, :] < M2),
+                             other=0.0)                                         # S_bᵀ: (n2, m2)
+                acc = tl.dot(xq, st.to(xq.dtype), acc, input_precision=PRECISION)
+            yp = y_ptr + (t0 + rt[:, None]) * (tl.num_programs(1) * M2) + p * M2 + cj[None, :]
+            ym = tok[:, None] & (cj[None, :] < M2)
+            y = tl.load(yp, mask=ym, other=0.0)
+            tl.store(yp, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ym)
+
     _FWD, _GRAD = LaunchCache(_kron_fwd), LaunchCache(_kron_grad)
+    _BLOCKS = LaunchCache(_kron_block_residual)
     _MAX_OCC = max(c.kwargs["OCC"] for c in _kron_grad.configs)
 
 
@@ -225,6 +265,25 @@ def kron_fused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
         _FWD(lambda meta: (_programs(x2, triton.cdiv(t, meta["TB"]), meta["OCC"]),),
              x2, a.contiguous(), b.contiguous(), y, *_shape_args(t, a, b))
     return y.reshape(*lead, m1 * m2)
+
+
+def add_block_residual_(y: torch.Tensor, x2: torch.Tensor, blocks: torch.Tensor,
+                        values: torch.Tensor) -> torch.Tensor:
+    """In place: y (T, m1·m2) += the block residual (blocks: sorted indices p·n1 + q, values
+    (nb, m2, n2)) applied to x2 (T, n1·n2) — the kernel form of
+    :func:`layerzip_kronecker.module.add_block_residual` (no autograd)."""
+    nb, m2, n2 = values.shape
+    t, n = x2.shape
+    n1, m1 = n // n2, y.shape[1] // m2
+    if not (t and nb):
+        return y
+    # block-row pointers by binary search (no host sync; the grid covers every block row)
+    rowptr = torch.searchsorted(blocks // n1, torch.arange(m1 + 1, device=blocks.device,
+                                                           dtype=blocks.dtype)).to(torch.int32)
+    _BLOCKS(lambda meta: (triton.cdiv(t, meta["BT"]), m1), x2, values.contiguous(),
+            blocks.contiguous(), rowptr, y, t, 1 << max(0, (t - 1).bit_length()), n1, n2, m2,
+            _p2(m2), _p2(n2), _precision())
+    return y
 
 
 def kron_factor_grads(x2: torch.Tensor, dy: torch.Tensor, a: torch.Tensor,
