@@ -130,23 +130,29 @@ def test_ks_factor_forward_backward(benchmark, p, impl):
     x_d = x.detach().requires_grad_(True)
     gd = torch.randn(T, p.rows, device="cuda", dtype=torch.bfloat16)
 
+    # autograd.grad, not .backward(): no accumulation into .grad, so a step is capturable
     def step():
-        be(xi, [w], [p], batch_last).backward(gy)
+        return torch.autograd.grad(be(xi, [w], [p], batch_last), (xi, w), gy)
 
     def bmm_step():
-        factor_matmul(xi, w, p, batch_last).backward(gy)
+        return torch.autograd.grad(factor_matmul(xi, w, p, batch_last), (xi, w), gy)
 
     def dense_step():
-        (x_d @ dense_w.t()).backward(gd)
+        return torch.autograd.grad(x_d @ dense_w.t(), (x_d, dense_w), gd)
 
-    step()
-    gx, gw = xi.grad.double(), w.grad.double()
-    xi.grad = w.grad = None
+    gx, gw = (g.double() for g in step())
     xr, wr = xi.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     factor_matmul(xr, wr, p, batch_last).backward(gy.double())
     dense = time_callable(dense_step, rounds=15, warmup=3)
     bmm = time_callable(bmm_step, rounds=15, warmup=3)
     kern = time_callable(step, rounds=15, warmup=3)
+    # the same steps replayed from CUDA graphs: the GPU's time of a training step (eager, a
+    # step of these sizes is mostly the host's autograd and launch time)
+    try:
+        g_dense, g_bmm, g_kern = (graph_time(f, rounds=15) for f in (dense_step, bmm_step, step))
+    except RuntimeError as e:  # a step that cannot be captured is a result, not a lost case
+        benchmark.extra_info["graph_error"] = str(e).splitlines()[0][:200]
+        g_dense = g_bmm = g_kern = None
     pedantic(benchmark, step, rounds=5)
     benchmark.extra_info.update({
         "kind": "factor_fwd_bwd", "pattern": p.as_list(), "a": p.a, "b": p.b, "c": p.c,
@@ -154,6 +160,10 @@ def test_ks_factor_forward_backward(benchmark, p, impl):
         "dense_ms": dense.median * 1e3, "bmm_ms": bmm.median * 1e3,
         "kernel_ms": kern.median * 1e3, "speedup_vs_dense": dense.median / kern.median,
         "speedup_vs_bmm": bmm.median / kern.median,
+        **({"graph_dense_ms": g_dense.median * 1e3, "graph_bmm_ms": g_bmm.median * 1e3,
+            "graph_kernel_ms": g_kern.median * 1e3,
+            "graph_speedup_vs_dense": g_dense.median / g_kern.median,
+            "graph_speedup_vs_bmm_same_layout": g_bmm.median / g_kern.median} if g_kern else {}),
         "grad_x_rel_error": float((gx - xr.grad).norm() / xr.grad.norm()),
         "grad_w_rel_error": float((gw - wr.grad).norm() / wr.grad.norm())})
 
