@@ -32,7 +32,8 @@ FACTORS = [Pattern(a, b, b, d) for b in (16, 32, 64, 128, 256) for ad in (2, 4, 
 BACKWARD = [Pattern(a, b, b, d) for b in (64, 256) for a, d in _splits(16)]
 IMPLS = ["bmm", "bmm_bs_last", "triton", "triton_bs_last"]
 # batch-first variants where 'triton' picks another kernel: triton_2d = the strided 2-D kernel
-# (for every d > 1), triton_3d = the batched-dot kernel instead of the split one (d = 4, 8)
+# (for every d > 1), triton_3d = the batched-dot kernel instead of the split one (d ≥ 4, powers
+# of two)
 FWD_IMPLS = IMPLS + ["triton_2d", "triton_3d"]
 
 
@@ -65,9 +66,9 @@ def _runs_variant(p: Pattern, impl: str) -> bool:
     from layerzip_kschain import triton_kernel as k
 
     if impl == "triton_2d":
-        return p.d in k.SPLIT_D or p.d >= k.MIN_D_3D
+        return bool(k.split_group(p.d)) or p.d >= k.MIN_D_3D
     if impl == "triton_3d":
-        return p.d in k.SPLIT_D and p.d >= k.MIN_D_3D
+        return bool(k.split_group(p.d)) and p.d >= k.MIN_D_3D
     return True
 
 

@@ -14,7 +14,7 @@ ON_GPU = DEVICE == "cuda"
 from layerzip_kschain.triton_kernel import factor_forward, ks_chain_triton  # noqa: E402
 
 PATTERNS = [Pattern(2, 3, 5, 4), Pattern(1, 16, 32, 2), Pattern(4, 2, 2, 1), Pattern(2, 20, 24, 3),
-            Pattern(2, 5, 3, 8), Pattern(1, 3, 2, 16),
+            Pattern(2, 5, 3, 8), Pattern(1, 3, 2, 16), Pattern(2, 5, 3, 32),
             Pattern(1, 17, 16, 1)]
 if ON_GPU:
     PATTERNS += [Pattern(4, 64, 64, 16), Pattern(1, 256, 128, 8), Pattern(16, 128, 256, 1)]
@@ -106,7 +106,8 @@ def test_auto_keeps_bmm_unless_on_a_gpu():
     (Pattern(2, 16, 16, 1), True, "_FWD_BL"), (Pattern(1, 16, 16, 16), True, "_FWD_BL"),
     (Pattern(2, 16, 16, 1), False, "_FWD"), (Pattern(2, 16, 16, 3), False, "_FWD"),
     (Pattern(1, 16, 16, 2), False, "_FWD_SPLIT"), (Pattern(2, 16, 16, 8), False, "_FWD_SPLIT"),
-    (Pattern(1, 16, 16, 16), False, "_FWD_3D")], ids=str)
+    (Pattern(2, 16, 16, 32), False, "_FWD_SPLIT"),  # groups of 8 δ, four programs per α
+    (Pattern(1, 16, 16, 6), False, "_FWD_3D")], ids=str)
 def test_each_layout_and_d_runs_its_kernel(p, batch_last, kernel, monkeypatch):
     """The dispatch of factor_forward (module docstring of triton_kernel): which launch runs."""
     from layerzip_kschain import triton_kernel as k

@@ -5,8 +5,9 @@ x[t, α·c·d + γ·d + δ]. A program owns one block (α, δ), a tile of tokens
 loops over c with tensor-core dots (fp32 accumulation). Inputs and outputs are addressed through
 (token, feature) strides and read in place — no permutation kernels:
 
-- batch-first (T × n), 16-bit, d ∈ {2, 4, 8}: ``_ks_fwd_split``, a program loads the whole
-  contiguous (tokens × c·d) tile of one α and splits it in registers into its d slices, one 2-D
+- batch-first (T × n), 16-bit, d a power of two: ``_ks_fwd_split``, a program owns g =
+  min(d, 8) consecutive δ of one α, loads the (tokens × c·g) tile (the whole contiguous tile
+  when d ≤ 8, runs of g elements beyond) and splits it in registers into its g slices, one 2-D
   dot each (H100, bf16, d ∈ {4, 8}: median 2.20× over bmm under CUDA graphs, the 3-D kernel's
   1.06×);
 - other batch-first factors with d ≥ 4: ``_ks_fwd_3d``, a program owns BD consecutive δ so each
@@ -51,10 +52,20 @@ INTERPRET = triton_interpreted()
 QUICK = os.environ.get("LAYERZIP_TRITON_QUICK") == "1"
 # other batch-first factors with d ≥ this use the 3-D kernel (runs of δ loaded contiguously)
 MIN_D_3D = 4
-# batch-first 16-bit factors with these d load whole (BT, BK·d) tiles and split them in
-# registers (fp32 tiles are twice the size: d ≥ 4 keeps the 3-D kernel, d = 2 the 2-D one)
+# batch-first 16-bit factors whose d is a power of two load (BT, BK·g) tiles of g = min(d, 8)
+# consecutive δ and split them in registers; a larger d runs d/g programs per α (fp32 tiles are
+# twice the size: d ≥ 4 keeps the 3-D kernel, d = 2 the 2-D one)
 SPLIT_D = (2, 4, 8)
 SPLIT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def split_group(d: int) -> int:
+    """δ per program of the split kernel for a factor with this d; 0 where it does not apply
+    (d not a power of two ≥ 2, or SPLIT_D emptied to compare kernels)."""
+    if d < 2 or d & (d - 1):
+        return 0
+    g = min(d, max(SPLIT_D, default=0))
+    return g if g in SPLIT_D else 0
 
 
 def _p2(n: int) -> int:
@@ -137,7 +148,7 @@ def _prune_split(configs, named_args, **kwargs):
     in shared memory (they would fail to launch); if none fits, the smallest, with two stages
     and its largest tile halved until it does — so the autotuner always has one to run."""
     configs = _prune({"BB": "B", "BK": "C"})(configs, named_args, **kwargs)
-    d = kwargs.get("D", named_args.get("D"))
+    d = kwargs.get("DG", named_args.get("DG"))  # δ per program: the tiles' multiplicity
     size = named_args["x_ptr"].element_size()
 
     def smem(k, stages):
@@ -235,14 +246,18 @@ if triton is not None:
                      prune_configs_by={"early_config_prune": _prune_split})
     @triton.jit(do_not_specialize=["T"])
     def _ks_fwd_split(x_ptr, w_ptr, y_ptr, T, A, B, C, sx_t, sy_t, sw_blk, sw_b, sw_c,
-                      D: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
-                      BB: tl.constexpr, BK: tl.constexpr):
-        """Batch-first, d ∈ {2, 4, 8}: a program owns every δ of one α. It loads x as one
-        contiguous (BT, BK·d) tile — coalesced, vectorized, pipelined, unlike the stride-d
-        loads of one δ — and splits it in registers into the d (BT, BK) slices (tl.split halves
-        the innermost axis, δ's lowest bit first), each a 2-D tensor-core dot with its own
-        block; the d accumulators are joined back into (BT, BB·d), stored contiguously."""
-        alpha = tl.program_id(0)
+                      D: tl.constexpr, DG: tl.constexpr, PRECISION: tl.constexpr,
+                      BT: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr):
+        """Batch-first, d a power of two: a program owns DG = min(d, 8) consecutive δ of one
+        α (d/DG programs per α). It loads x as one (BT, BK·DG) tile — runs of DG contiguous
+        elements per γ, the whole tile contiguous when DG = d; coalesced, vectorized,
+        pipelined, unlike the stride-d loads of one δ — and splits it in registers into the
+        DG (BT, BK) slices (tl.split halves the innermost axis, δ's lowest bit first), each a
+        2-D tensor-core dot with its own block; the DG accumulators are joined back into
+        (BT, BB·DG) and stored the same way."""
+        groups = D // DG
+        alpha = tl.program_id(0) // groups
+        dg0 = (tl.program_id(0) % groups) * DG   # first δ of this program
         tile = tl.program_id(1)
         n_bb = tl.cdiv(B, BB)
         t0 = (tile // n_bb) * BT
@@ -250,15 +265,17 @@ if triton is not None:
         it = t0 + tl.arange(0, BT)
         ib = b0 + tl.arange(0, BB)
         ik = tl.arange(0, BK)
-        ikd = tl.arange(0, BK * D)
-        blk = alpha * D
-        x_base = x_ptr + it[:, None].to(tl.int64) * sx_t + (alpha * C * D + ikd[None, :])
+        ikd = tl.arange(0, BK * DG)
+        kd = ikd // DG                            # γ offset within the tile, then δ offset
+        blk = alpha * D + dg0
+        x_base = x_ptr + it[:, None].to(tl.int64) * sx_t + (
+            alpha * C * D + dg0 + (kd * D + ikd % DG)[None, :])
         acc0 = tl.zeros((BT, BB), dtype=tl.float32)
         acc1 = tl.zeros((BT, BB), dtype=tl.float32)
-        if D >= 4:
+        if DG >= 4:
             acc2 = tl.zeros((BT, BB), dtype=tl.float32)
             acc3 = tl.zeros((BT, BB), dtype=tl.float32)
-        if D == 8:
+        if DG == 8:
             acc4 = tl.zeros((BT, BB), dtype=tl.float32)
             acc5 = tl.zeros((BT, BB), dtype=tl.float32)
             acc6 = tl.zeros((BT, BB), dtype=tl.float32)
@@ -268,13 +285,13 @@ if triton is not None:
             kk = k0 + ik
             wp = w_base + kk[:, None] * sw_c         # Wᵀ tile of block α·d; of α·d + i: + i·sw_blk
             wm = (kk[:, None] < C) & (ib[None, :] < B)
-            xm = (it[:, None] < T) & (k0 * D + ikd[None, :] < C * D)
-            x = tl.load(x_base + k0 * D, mask=xm, other=0.0)       # (BT, BK·D), δ fastest
-            if D == 2:
+            xm = (it[:, None] < T) & (k0 + kd[None, :] < C)
+            x = tl.load(x_base + k0 * D, mask=xm, other=0.0)       # (BT, BK·DG), δ fastest
+            if DG == 2:
                 x0, x1 = tl.split(tl.reshape(x, (BT, BK, 2)))
                 acc0 = _block_dot(x0, acc0, wp, wm, PRECISION)
                 acc1 = _block_dot(x1, acc1, wp + sw_blk, wm, PRECISION)
-            elif D == 4:
+            elif DG == 4:
                 xe, xo = tl.split(tl.reshape(x, (BT, BK, 2, 2)))      # δ = 2·δ1 + δ0
                 x0, x2 = tl.split(xe)
                 x1, x3 = tl.split(xo)
@@ -299,18 +316,20 @@ if triton is not None:
                 acc6 = _block_dot(x6, acc6, wp + 6 * sw_blk, wm, PRECISION)
                 acc7 = _block_dot(x7, acc7, wp + 7 * sw_blk, wm, PRECISION)
         # join innermost-first, mirroring the splits: the last axis becomes δ's lowest bit
-        if D == 2:
+        if DG == 2:
             out = tl.join(acc0, acc1)
-        elif D == 4:
+        elif DG == 4:
             out = tl.join(tl.join(acc0, acc2), tl.join(acc1, acc3))
         else:
             out = tl.join(tl.join(tl.join(acc0, acc4), tl.join(acc2, acc6)),
                           tl.join(tl.join(acc1, acc5), tl.join(acc3, acc7)))
-        out = tl.reshape(out, (BT, BB * D))                           # (β, δ) → β·D + δ
-        ibd = b0 * D + tl.arange(0, BB * D)
-        y_off = it[:, None].to(tl.int64) * sy_t + (alpha * B * D + ibd[None, :])
+        out = tl.reshape(out, (BT, BB * DG))                          # (β, δ) → β·DG + δ
+        ibd = tl.arange(0, BB * DG)
+        bb = b0 + ibd // DG
+        y_off = it[:, None].to(tl.int64) * sy_t + (
+            alpha * B * D + dg0 + (bb * D + ibd % DG)[None, :])
         tl.store(y_ptr + y_off, out.to(y_ptr.dtype.element_ty),
-                 mask=(it[:, None] < T) & (ibd[None, :] < B * D))
+                 mask=(it[:, None] < T) & (bb[None, :] < B))
 
     @triton.autotune(configs=_fwd3d_configs(), key=["A", "B", "C", "D"],
                      prune_configs_by={"early_config_prune": _prune({"BB": "B", "BK": "C"},
@@ -427,12 +446,13 @@ def factor_forward(x: torch.Tensor, w: torch.Tensor, p: Pattern, batch_last: boo
 
     contiguous = not batch_last and x.stride(1) == 1 and y.stride(1) == 1
     # the interpreter runs it in fp32 too: CI checks the split/join indexing on the CPU
-    if contiguous and d in SPLIT_D and (x.dtype in SPLIT_DTYPES or INTERPRET):
+    group = split_group(d)
+    if contiguous and group and (x.dtype in SPLIT_DTYPES or INTERPRET):
         def grid_split(meta):
-            return (a, triton.cdiv(t, meta["BT"]) * triton.cdiv(b, meta["BB"]))
+            return (a * (d // group), triton.cdiv(t, meta["BT"]) * triton.cdiv(b, meta["BB"]))
 
         _FWD_SPLIT(grid_split, x, w, y, t, a, b, c, x.stride(0), y.stride(0), sw_blk, sw_b, sw_c,
-                   D=d, PRECISION=_precision(x.dtype))
+                   D=d, DG=group, PRECISION=_precision(x.dtype))
         return y
 
     if contiguous and d >= MIN_D_3D:
