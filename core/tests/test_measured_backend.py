@@ -88,3 +88,13 @@ def test_unavailable_without_a_gpu():
         pytest.skip("this machine has a GPU")
     ok, why = CpuMeasured().available()
     assert not ok and "CUDA GPU" in why
+
+
+def test_a_first_call_inside_a_cuda_graph_capture_does_not_measure(measured, monkeypatch):
+    """Timing synchronizes, which a capture forbids: the top candidate serves, nothing cached."""
+    import layerzip.backends
+
+    monkeypatch.setattr(layerzip.backends, "_capturing", lambda: True)
+    x, w = torch.randn(4, 8), torch.randn(8, 3)
+    torch.testing.assert_close(measured(x, w), x @ w)
+    assert measured.choices == {} and FastNoGrad.calls == 1 and Slow.calls == 0

@@ -84,6 +84,11 @@ class TritonKernelBackend(Backend):
         return on_device and not torch.compiler.is_compiling()
 
 
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class MeasuredBackend(Backend):
     """Per input shape, time every other available backend of :attr:`op` once (CUDA events,
     median of a few calls) and use the fastest from then on — the backend ``auto`` picks on a
@@ -130,6 +135,10 @@ class MeasuredBackend(Backend):
         key = (x.device, x.dtype, 1 << max(0, (t - 1).bit_length()), grad,
                *self.shape_key(x, *args))
         best = self.choices.get(key)
+        if best is None and _capturing():
+            # timing synchronizes, which would break the capture: the highest-priority
+            # candidate serves this call, and the first call outside a capture measures
+            return self.candidates(x, grad)[0](x, *args)
         if best is None:
             from .bench import time_callable
 

@@ -112,3 +112,27 @@ def test_block_residual_kernel_matches_the_torch_form(t, f1, f2, nb):
     (want,) = torch.autograd.grad(kron_matmul_reference(x, a, b, blocks, vals, bias).sum(),
                                   vals)
     torch.testing.assert_close(gv, want, rtol=1e-4, atol=1e-4)
+
+
+def test_config_pruning_keeps_tiles_that_fit(monkeypatch):
+    """The GPU autotuner's candidates (pruned per shape; the interpreter skips pruning)."""
+    import triton
+
+    from layerzip_kronecker import triton_kernel as tk
+
+    monkeypatch.setattr(tk, "INTERPRET", False)
+    monkeypatch.setattr(tk, "QUICK", False)
+    configs = [triton.Config({"TB": tb, "OCC": 2}, num_warps=w, num_stages=3)
+               for tb in (1, 2, 4, 8, 16) for w in (4, 8)]
+    bf16, fp32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1)
+
+    def kept(x, size):
+        args = {"x_ptr": x, "BM1": size, "BN1": size, "BM2": size, "BN2": size}
+        return {(c.kwargs["TB"], c.num_warps) for c in tk._prune(configs, args)}
+
+    # 64-wide factors: TB·64 ∈ {64, 128}; TB = 2 with 4 warps is at the register limit
+    assert kept(bf16, 64) == {(1, 4), (1, 8), (2, 4), (2, 8)}
+    # 16-wide factors need more tokens per tile for a 64- or 128-wide dot
+    assert {tb for tb, _ in kept(bf16, 16)} == {4, 8}
+    # nothing fits: the smallest tile with the most warps, so the autotuner has one to run
+    assert kept(fp32, 512) == {(1, 8)}

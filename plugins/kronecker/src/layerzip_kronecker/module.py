@@ -76,7 +76,9 @@ def add_residual_and_bias(y: Tensor, x2: Tensor, res_idx: Tensor | None,
 
 class KroneckerLinear(ApproxModule):
     """Factors A (r, m1, n1) and B (r, m2, n2) (the scale α folded into A), an optional sparse
-    residual stored as flat int32 indices + values (no dense copy), and the bias."""
+    residual (no dense copy) and the bias. The residual is ``residual_structure`` 'entries':
+    sorted flat int32 indices + values (nnz,), or 'blocks': sorted block indices p·n1 + q +
+    values (nb, m2, n2)."""
 
     def __init__(self, out_features: int, in_features: int, factors, rank: int, nnz: int = 0,
                  bias: bool = True, backend: str = "auto", residual_structure: str = "entries"):
