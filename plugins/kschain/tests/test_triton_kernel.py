@@ -130,3 +130,47 @@ def test_each_layout_and_d_runs_its_kernel(p, batch_last, kernel, monkeypatch):
         calls.clear()
         factor_forward(x.float(), w.float(), p, batch_last)
         assert calls == ["_FWD_3D" if p.d >= k.MIN_D_3D else "_FWD"]
+
+
+def test_split_kernel_tunes_delta_per_program_only_beyond_8(monkeypatch):
+    """δ per program: all of d for d ≤ 8 (one contiguous tile), tuned among 2, 4, 8 beyond;
+    the largest under LAYERZIP_TRITON_QUICK (the GPU autotuner's candidates, pruned on CPU)."""
+    import triton
+
+    from layerzip_kschain import triton_kernel as k
+
+    monkeypatch.setattr(k, "INTERPRET", False)
+    monkeypatch.setattr(k, "QUICK", False)
+    configs = [triton.Config({"BT": 64, "BB": 64, "BK": 32, "DG": g}, num_warps=4, num_stages=3)
+               for g in (2, 4, 8)]
+    x = torch.empty(1, dtype=torch.bfloat16)
+
+    def dgs(d):
+        args = {"x_ptr": x, "B": 256, "C": 256, "D": d}
+        return {c.kwargs["DG"] for c in k._prune_split(configs, args)}
+
+    assert dgs(4) == {4} and dgs(8) == {8}
+    assert dgs(16) == {2, 4, 8} and dgs(64) == {2, 4, 8}
+    monkeypatch.setattr(k, "QUICK", True)
+    assert dgs(16) == {8}
+
+
+@pytest.mark.parametrize("groups", [(2,), (2, 4)], ids=["dg2", "dg4"])
+def test_split_kernel_with_fewer_delta_per_program(groups, monkeypatch):
+    """d = 16 with 2 or 4 δ per program (the GPU autotuner may pick them; the interpreter and
+    quick runs use 8): runs of 2 or 4 elements, 8 or 4 programs per α."""
+    from layerzip_kschain import triton_kernel as k
+
+    monkeypatch.setattr(k, "SPLIT_D", groups)
+    # a fresh autotuner cache and launch cache: the choice for this pattern is made again
+    monkeypatch.setattr(k._ks_fwd_split, "cache", {})
+    monkeypatch.setattr(k._FWD_SPLIT, "_entries", {})
+    p = Pattern(2, 5, 3, 16)
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    x = torch.randn(21, p.cols, device=DEVICE, dtype=dtype)
+    w = torch.randn(p.num_blocks, p.b, p.c, device=DEVICE, dtype=dtype)
+    assert k.split_group(16) == groups[-1]
+    y = factor_forward(x, w, p, False)
+    assert rel(y, factor_matmul(x.double(), w.double(), p, False)) < TOL[dtype]
+    if not ON_GPU or k.QUICK:  # a full GPU autotune may pick any allowed count
+        assert k._ks_fwd_split.best_config.kwargs["DG"] == groups[-1]

@@ -52,16 +52,17 @@ INTERPRET = triton_interpreted()
 QUICK = os.environ.get("LAYERZIP_TRITON_QUICK") == "1"
 # other batch-first factors with d ≥ this use the 3-D kernel (runs of δ loaded contiguously)
 MIN_D_3D = 4
-# batch-first 16-bit factors whose d is a power of two load (BT, BK·g) tiles of g = min(d, 8)
-# consecutive δ and split them in registers; a larger d runs d/g programs per α (fp32 tiles are
-# twice the size: d ≥ 4 keeps the 3-D kernel, d = 2 the 2-D one)
+# batch-first 16-bit factors whose d is a power of two load (BT, BK·g) tiles of g consecutive
+# δ (g = d up to 8; beyond, g ∈ SPLIT_D is tuned) and split them in registers, d/g programs per
+# α (fp32 tiles are twice the size: d ≥ 4 keeps the 3-D kernel, d = 2 the 2-D one)
 SPLIT_D = (2, 4, 8)
 SPLIT_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def split_group(d: int) -> int:
-    """δ per program of the split kernel for a factor with this d; 0 where it does not apply
-    (d not a power of two ≥ 2, or SPLIT_D emptied to compare kernels)."""
+    """The largest δ-per-program count of the split kernel for a factor with this d (what the
+    interpreter and quick runs use); 0 where the kernel does not apply (d not a power of two
+    ≥ 2, or SPLIT_D emptied to compare kernels)."""
     if d < 2 or d & (d - 1):
         return 0
     g = min(d, max(SPLIT_D, default=0))
@@ -90,6 +91,12 @@ def _fwd_configs():
 
 
 def _split_configs():
+    """Tile rows × DG (δ per program) ∈ SPLIT_D; _prune_split keeps the DG a pattern allows."""
+    return [triton.Config({**c.kwargs, "DG": g}, num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in _split_tiles() for g in SPLIT_D]
+
+
+def _split_tiles():
     return _tile_configs("BT BB BK", [
         (64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 32, 64, 4, 3),
         (32, 64, 64, 4, 3), (128, 32, 32, 8, 3), (64, 64, 64, 8, 3), (32, 32, 32, 4, 4)])
@@ -144,15 +151,23 @@ SMEM_LIMIT = 227 * 1024
 
 
 def _prune_split(configs, named_args, **kwargs):
-    """_prune, then drop configs whose pipelined x and W tiles (d of each per stage) cannot fit
-    in shared memory (they would fail to launch); if none fits, the smallest, with two stages
-    and its largest tile halved until it does — so the autotuner always has one to run."""
+    """Keep the δ-per-program counts DG the pattern allows — all of d when d ≤ 8 (the whole
+    tile is contiguous), any of SPLIT_D beyond (tuned: more δ per program means longer runs
+    in memory but more accumulators, hence smaller tiles); one, split_group(d), under the
+    interpreter and LAYERZIP_TRITON_QUICK. Then _prune, then drop configs whose pipelined x
+    and W tiles (DG of each per stage) cannot fit in shared memory (they would fail to launch);
+    if none fits, the smallest, with two stages and its largest tile halved until it does — so
+    the autotuner always has one to run."""
+    d = kwargs.get("D", named_args.get("D"))
+    allowed = {d} if d <= max(SPLIT_D) else set(SPLIT_D)
+    if INTERPRET or QUICK:
+        allowed = {split_group(d)}
+    configs = [cfg for cfg in configs if cfg.kwargs["DG"] in allowed]
     configs = _prune({"BB": "B", "BK": "C"})(configs, named_args, **kwargs)
-    d = kwargs.get("DG", named_args.get("DG"))  # δ per program: the tiles' multiplicity
     size = named_args["x_ptr"].element_size()
 
     def smem(k, stages):
-        return stages * d * k["BK"] * (k["BT"] + k["BB"]) * size
+        return stages * k["DG"] * k["BK"] * (k["BT"] + k["BB"]) * size
 
     fit = [cfg for cfg in configs if smem(cfg.kwargs, cfg.num_stages) <= SMEM_LIMIT]
     if fit:
@@ -246,10 +261,10 @@ if triton is not None:
                      prune_configs_by={"early_config_prune": _prune_split})
     @triton.jit(do_not_specialize=["T"])
     def _ks_fwd_split(x_ptr, w_ptr, y_ptr, T, A, B, C, sx_t, sy_t, sw_blk, sw_b, sw_c,
-                      D: tl.constexpr, DG: tl.constexpr, PRECISION: tl.constexpr,
-                      BT: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr):
-        """Batch-first, d a power of two: a program owns DG = min(d, 8) consecutive δ of one
-        α (d/DG programs per α). It loads x as one (BT, BK·DG) tile — runs of DG contiguous
+                      D: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
+                      BB: tl.constexpr, BK: tl.constexpr, DG: tl.constexpr):
+        """Batch-first, d a power of two: a program owns DG consecutive δ of one α (DG = d up
+        to 8, tuned among 2, 4, 8 beyond; d/DG programs per α). It loads x as one (BT, BK·DG) tile — runs of DG contiguous
         elements per γ, the whole tile contiguous when DG = d; coalesced, vectorized,
         pipelined, unlike the stride-d loads of one δ — and splits it in registers into the
         DG (BT, BK) slices (tl.split halves the innermost axis, δ's lowest bit first), each a
@@ -446,13 +461,13 @@ def factor_forward(x: torch.Tensor, w: torch.Tensor, p: Pattern, batch_last: boo
 
     contiguous = not batch_last and x.stride(1) == 1 and y.stride(1) == 1
     # the interpreter runs it in fp32 too: CI checks the split/join indexing on the CPU
-    group = split_group(d)
-    if contiguous and group and (x.dtype in SPLIT_DTYPES or INTERPRET):
+    if contiguous and split_group(d) and (x.dtype in SPLIT_DTYPES or INTERPRET):
         def grid_split(meta):
-            return (a * (d // group), triton.cdiv(t, meta["BT"]) * triton.cdiv(b, meta["BB"]))
+            return (a * (d // meta["DG"]),
+                    triton.cdiv(t, meta["BT"]) * triton.cdiv(b, meta["BB"]))
 
         _FWD_SPLIT(grid_split, x, w, y, t, a, b, c, x.stride(0), y.stride(0), sw_blk, sw_b, sw_c,
-                   D=d, DG=group, PRECISION=_precision(x.dtype))
+                   D=d, PRECISION=_precision(x.dtype))
         return y
 
     if contiguous and d >= MIN_D_3D:
