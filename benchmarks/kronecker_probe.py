@@ -17,13 +17,12 @@ import itertools
 import json
 import time
 
+import layerzip
 import torch
 import triton
-from triton.testing import do_bench
-
-import layerzip
 from layerzip.bench import graphed, host_time
 from layerzip_kronecker import triton_kernel as tk
+from triton.testing import do_bench
 
 SHAPES = {  # name: (factors A, factors B, rank)
     "4096x4096_r1": ((64, 64), (64, 64), 1),
@@ -91,7 +90,12 @@ def main():
         Path(args.out).write_text(report(lines))
         return
     deadline = time.time() + args.budget
-    out = open(args.out, "w")
+    with open(args.out, "w") as out:
+        sweep(args, out, deadline)
+
+
+def sweep(args, out, deadline: float) -> None:
+    """Per shape: dense and copy times, the config sweeps asked for, the autotuned paths."""
     t = args.tokens
     dt = torch.bfloat16
     for name, ((m1, n1), (m2, n2), r) in SHAPES.items():
@@ -122,7 +126,7 @@ def main():
                     continue
                 tiles = triton.cdiv(t, tb)
                 progs = min(tiles, torch.cuda.get_device_properties(0).multi_processor_count * occ)
-                meta = dict(TB=tb, OCC=occ, num_warps=warps, num_stages=stages)
+                meta = {"TB": tb, "OCC": occ, "num_warps": warps, "num_stages": stages}
                 try:
                     if kind == "fwd":
                         def run():

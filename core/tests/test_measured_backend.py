@@ -5,10 +5,9 @@ subclass that accepts CPU inputs (the real ones measure on a GPU only)."""
 import time
 import types
 
+import layerzip
 import pytest
 import torch
-
-import layerzip
 from layerzip import Backend, MeasuredBackend
 
 OP = "measured_toy"
