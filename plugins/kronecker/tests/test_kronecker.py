@@ -230,3 +230,21 @@ def test_block_residual_round_trips_through_save_and_load(tmp_path):
     layerzip.load(fresh, tmp_path / "ck")
     assert fresh[0].residual_structure == "blocks" and fresh[0].res_val.dim() == 3
     torch.testing.assert_close(fresh(x), ref)
+
+
+@pytest.mark.parametrize("structure", ["entries", "blocks"])
+def test_estimate_counts_what_is_stored_and_ratio_budgets_hold(structure):
+    """The plan-time estimate of a residual (values + int32 indices, one per entry or per
+    block) matches what the fitted module stores, in bytes; with `ratio` the whole layer
+    stays within its budget."""
+    w = torch.randn(48, 32, generator=torch.Generator().manual_seed(21))
+    view = DenseWeightView(w)
+    for params in ({"factors": [[6, 4], [8, 8]], "rank": 2, "residual_fraction": 0.25},
+                   {"factors": [[6, 4], [8, 8]], "ratio": 0.6, "residual_params": 300}):
+        p = KroneckerParams(**params, residual_structure=structure)
+        est = Kronecker().estimate(view, p)
+        m = Kronecker().fit(view, p, FitContext("l"))
+        stored = sum(t.numel() * t.element_size() for t in m.state_dict().values())
+        assert est.params * 4 == stored  # float32 units: a value or an int32 index is 4 bytes
+        if "ratio" in params:
+            assert stored <= (1 - params["ratio"]) * w.numel() * 4
