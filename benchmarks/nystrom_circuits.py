@@ -24,11 +24,9 @@ Circuits (all squared, complex-lse-sum semiring, folded):
 from __future__ import annotations
 
 import argparse
-import gzip
 import importlib.util
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.util
-import json
 import math
 import os
 import time
