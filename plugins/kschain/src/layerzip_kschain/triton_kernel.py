@@ -5,9 +5,9 @@ x[t, α·c·d + γ·d + δ]. A program owns one block (α, δ), a tile of tokens
 loops over c with tensor-core dots (fp32 accumulation). Inputs and outputs are addressed through
 (token, feature) strides and read in place — no permutation kernels:
 
-- batch-first (T × n), 16-bit, d a power of two: ``_ks_fwd_split``, a program owns g =
-  min(d, 8) consecutive δ of one α, loads the (tokens × c·g) tile (the whole contiguous tile
-  when d ≤ 8, runs of g elements beyond) and splits it in registers into its g slices, one 2-D
+- batch-first (T × n), 16-bit, d a power of two: ``_ks_fwd_split``, a program owns g
+  consecutive δ of one α (g = d up to 8; beyond, g ∈ {2, 4, 8} is tuned), loads the
+  (tokens × c·g) tile (the whole contiguous tile when g = d, runs of g elements otherwise) and splits it in registers into its g slices, one 2-D
   dot each (H100, bf16, d ∈ {4, 8}: median 2.20× over bmm under CUDA graphs, the 3-D kernel's
   1.06×);
 - other batch-first factors with d ≥ 4: ``_ks_fwd_3d``, a program owns BD consecutive δ so each
