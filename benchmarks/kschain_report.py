@@ -36,11 +36,17 @@ def _vs_bmm(r, bmm) -> float:
     return base / r["kernel_ms"] if base else float("nan")
 
 
+def _verdict(value: float, target: float) -> str:
+    return "(met)" if value >= target else "(MISSED)"
+
+
 def summary(rows: list[dict]) -> list[str]:
     out = ["## Targets (issue #8) against this run", "",
            "bmm is compared in the same layout (batch-first kernel vs batch-first bmm, "
-           "batch-last vs batch-last); 'graph' = replayed from a CUDA graph (no launch overhead).",
-           ""]
+           "batch-last vs batch-last). 'graph' = per call inside a CUDA graph of repeated calls "
+           "(layerzip.bench.graph_time): the GPU's time, as in a captured model step; 'eager' = "
+           "one Python call at a time, bound by the host's ≈ 30–45 µs per call for most "
+           "factors here. Each target is judged on both.", ""]
     fwd = [r for r in rows if r["kind"] == "factor_forward"]
     bmm = _same_layout_bmm(fwd)
     sel_b = [r for r in fwd if r["b"] >= 16]
@@ -55,10 +61,11 @@ def summary(rows: list[dict]) -> list[str]:
         med_d = statistics.median(r["speedup_vs_dense"] for r in low) if low else float("nan")
         gmed_d = statistics.median(r.get("graph_speedup_vs_dense", float("nan"))
                                    for r in low) if low else float("nan")
-        out.append(f"- forward, {impl} ({len(sel)} patterns): median {med:.2f}× over bmm "
-                   f"(graph {gmed:.2f}×; target ≥ 1.4×: {'met' if med >= 1.4 else 'MISSED'}); "
-                   f"median {med_d:.2f}× over dense at density ≤ 1/16 (graph {gmed_d:.2f}×; "
-                   f"target ≥ 2×: {'met' if med_d >= 2 else 'MISSED'})")
+        out.append(f"- forward, {impl} ({len(sel)} patterns), median over bmm (target ≥ 1.4×): "
+                   f"graph {gmed:.2f}× {_verdict(gmed, 1.4)}, eager {med:.2f}× "
+                   f"{_verdict(med, 1.4)}; median over dense at density ≤ 1/16 (target ≥ 2×): "
+                   f"graph {gmed_d:.2f}× {_verdict(gmed_d, 2)}, eager {med_d:.2f}× "
+                   f"{_verdict(med_d, 2)}")
     hosts = {impl: statistics.median(r["host_us"] for r in fwd if r["impl"] == impl)
              for impl in ("bmm", "bmm_bs_last", "triton", "triton_bs_last")
              if any(r["impl"] == impl and "host_us" in r for r in fwd)}
@@ -75,19 +82,21 @@ def summary(rows: list[dict]) -> list[str]:
             med = statistics.median(_vs_bmm(r, bwd_bmm) for r in sel)
             graphed = [r["graph_speedup_vs_bmm_same_layout"] for r in sel
                        if "graph_speedup_vs_bmm_same_layout" in r]
-            gmed = (f"; graph {statistics.median(graphed):.2f}× over {len(graphed)} patterns "
-                    f"(target {'met' if statistics.median(graphed) >= 1.2 else 'MISSED'})"
-                    if graphed else "")
-            out.append(f"- forward + backward, {impl} ({len(sel)} patterns): median {med:.2f}× "
-                       f"over bmm in the same layout, eager (target ≥ 1.2×: "
-                       f"{'met' if med >= 1.2 else 'MISSED'}){gmed}")
+            gmed = (f"graph {statistics.median(graphed):.2f}× over {len(graphed)} patterns "
+                    f"{_verdict(statistics.median(graphed), 1.2)}, " if graphed else "")
+            out.append(f"- forward + backward, {impl} ({len(sel)} patterns), median over bmm in "
+                       f"the same layout (target ≥ 1.2×): {gmed}eager {med:.2f}× "
+                       f"{_verdict(med, 1.2)}")
     chain = [r for r in rows if r["kind"] == "monarch_chain"]
     for impl in sorted({r["impl"] for r in chain}):
         sel = sorted((r for r in chain if r["impl"] == impl), key=lambda r: r["rank"])
-        faster = [r["rank"] for r in sel if r["speedup_vs_dense"] > 1]
-        out.append(f"- Monarch 4096² chain, {impl}: faster than dense up to rank "
-                   f"{max(faster) if faster else 'none'} "
-                   "(" + ", ".join(f"r{r['rank']} {r['speedup_vs_dense']:.2f}×" for r in sel) + ")")
+        for key, how in (("graph_speedup_vs_dense", "graph"), ("speedup_vs_dense", "eager")):
+            if not all(key in r for r in sel):
+                continue
+            faster = [r["rank"] for r in sel if r[key] > 1]
+            out.append(f"- Monarch 4096² chain, {impl}, {how}: faster than dense up to rank "
+                       f"{max(faster) if faster else 'none'} "
+                       "(" + ", ".join(f"r{r['rank']} {r[key]:.2f}×" for r in sel) + ")")
     return out + [""]
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 COLUMNS = [("case", "{}"), ("residual_fraction", "{:g}"), ("residual_structure", "{}"),
            ("backend", "{}"), ("graphs", "{}"),
            ("dense_ms", "{:.4f}"), ("lowrank_ms", "{:.4f}"), ("speedup", "{:.2f}×"),
+           ("dense_single_graph_ms", "{:.4f}"), ("lowrank_single_graph_ms", "{:.4f}"),
+           ("lowrank_calls_per_replay", "{}"),
            ("graph_dense_ms", "{:.4f}"), ("graph_kron_ms", "{:.4f}"),
            ("graph_speedup", "{:.2f}×"), ("host_us", "{:.0f}"), ("flop_ratio", "{:.2f}×"),
            ("byte_ratio", "{:.2f}×"), ("efficiency_flops", "{:.0%}"),

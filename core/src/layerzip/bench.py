@@ -6,9 +6,10 @@ layerzip.bench.synchronized_timer`` so its own clock waits for the GPU)."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -25,6 +26,9 @@ class Timing:
     rounds: int
     device: str
     times: list[float] = field(repr=False, default_factory=list)
+    #: calls each round made (one CUDA graph replaying several calls); the figures above are
+    #: per call, i.e. a round's time divided by this
+    calls_per_round: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,6 +58,79 @@ def graphed(fn: Callable[[], object], *, warmup: int = 3) -> Callable[[], None]:
     with torch.cuda.graph(graph):
         fn()
     return graph.replay
+
+
+def graph_time(fns: Callable[[], object] | Sequence[Callable[[], object]], *,
+               rounds: int = 20, warmup: int = 3, min_replay_s: float = 2e-4,
+               max_calls: int = 256) -> Timing:
+    """Per-call GPU time of ``fns`` (one callable, or several run in turn: e.g. the same layer
+    over distinct weight copies, so that each call reads its weights from memory rather than
+    from L2) captured back to back in one CUDA graph.
+
+    Timing a graph that holds a single short call measures the replay's launch as well: when
+    the GPU finishes a call faster than the host can launch the next replay, the events around
+    a replay record the host's gap (≈ 10–20 µs), not the kernel. Here the sequence is repeated
+    inside the graph until one replay takes at least ``min_replay_s`` of GPU time (at most
+    ``max_calls`` calls), so the figures are what a call costs inside a longer graph, as in a
+    captured model step. The returned :class:`Timing` is per call."""
+    fns = [fns] if callable(fns) else list(fns)
+    if not fns:
+        raise ValueError("graph_time needs at least one callable")
+    if not torch.cuda.is_available():
+        raise RuntimeError("graph_time needs a CUDA device (CUDA graphs); time_callable times "
+                           "CPU code")
+
+    def one_pass():
+        for f in fns:
+            f()
+
+    # the probe's fastest round sets the repeat count: a slow round (a host hiccup, clocks
+    # still ramping up after idle) must not leave the timed graph short, where its launch
+    # would dominate again
+    probe = time_callable(graphed(one_pass, warmup=warmup), rounds=10, warmup=10)
+    repeat = max(1, min(max(1, max_calls // len(fns)), math.ceil(min_replay_s / probe.min)))
+
+    def passes():
+        for _ in range(repeat):
+            one_pass()
+
+    replay = graphed(passes, warmup=1)
+    # ≥ 25 ms of replays first: an idle GPU runs at a low clock for a while after it wakes
+    spin = max(warmup, math.ceil(0.025 / (probe.min * repeat)))
+    timing = time_callable(replay, rounds=rounds, warmup=spin)
+    calls = repeat * len(fns)
+    times = [t / calls for t in timing.times]
+    return Timing(statistics.median(times), statistics.fmean(times), min(times), max(times),
+                  rounds, timing.device, times, calls)
+
+
+def copies_beyond_l2(nbytes: int, device: torch.device | str | None = None, *,
+                     factor: float = 2.0, at_least: int = 2) -> int:
+    """How many distinct copies of ``nbytes`` of weights a sequence of calls needs so that,
+    taken in turn, each call reads its weights from device memory and not from the L2 cache
+    that the previous calls filled (``factor`` × the L2 size in all)."""
+    dev = torch.device(device) if device is not None else torch.device("cuda")
+    l2 = 50 << 20
+    if dev.type == "cuda" and torch.cuda.is_available():
+        l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", l2) or l2
+    return max(at_least, math.ceil(factor * l2 / max(1, nbytes)))
+
+
+def wake_gpu(seconds: float = 0.05, device: torch.device | str | None = None) -> None:
+    """Keep the GPU busy with matmuls for about ``seconds``: after an idle stretch (the host
+    compiling or autotuning a kernel) it runs at a low clock for a while, and the first timed
+    rounds would measure the clock, not the code. A no-op without CUDA."""
+    if not torch.cuda.is_available():
+        return
+    dev = torch.device(device) if device is not None else torch.device(
+        "cuda", torch.cuda.current_device())
+    a = torch.randn(2048, 2048, device=dev, dtype=torch.bfloat16)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(8):
+            a = a @ a
+            a = a / a.norm()
+        torch.cuda.synchronize(dev)
 
 
 def host_time(fn: Callable[[], object], *, calls: int = 100, warmup: int = 5) -> float:
