@@ -39,7 +39,7 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
 
-from layerzip import LaunchCache, triton_interpreted
+from layerzip import LaunchCache, cdiv, triton_interpreted
 
 from .triton_kernel import _next_pow2
 
@@ -54,10 +54,20 @@ if triton is not None:
         sxt, sxn, svn, svr, sum_, sur, syt, sym,
         HAS_BIAS: tl.constexpr, PHASE: tl.constexpr, BT: tl.constexpr, KC: tl.constexpr,
         BR: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr, RP: tl.constexpr,
+        PREFETCH: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rows = tl.arange(0, BT)
         rmask = rows < T
+        if PREFETCH:
+            # this program's first output tile of U does not depend on h: load it now, so
+            # its reads overlap phase 1 and the barrier instead of following them (a program
+            # without a tile masks every lane and loads nothing)
+            rk = tl.arange(0, RP)
+            cols0 = pid * BN + tl.arange(0, BN)
+            cmask0 = cols0 < M_OUT
+            u0 = tl.load(u_ptr + cols0[None, :] * sum_ + rk[:, None] * sur,
+                         mask=cmask0[None, :] & (rk[:, None] < R), other=0.0)
         if PHASE != 2:
             # phase 1: h += x[:, chunk] @ V[chunk, rblock], one work unit at a time
             for unit in range(pid, N_UNITS, G):
@@ -81,7 +91,18 @@ if triton is not None:
                 pass
         if PHASE != 1:
             # phase 2: y[:, tile] = h @ U[tile, :]ᵀ + b[tile]
-            for tile in range(pid, N_TILES, G):
+            first = pid
+            if PREFETCH:
+                # h beyond R is zero (never added to), so the whole RP width is loaded
+                hf = tl.load(h_ptr + rows[:, None] * RP + rk[None, :], mask=rmask[:, None],
+                             other=0.0, cache_modifier=".cg")
+                acc0 = tl.dot(hf.to(u0.dtype), u0)
+                if HAS_BIAS:
+                    acc0 += tl.load(b_ptr + cols0, mask=cmask0, other=0.0).to(tl.float32)[None, :]
+                tl.store(y_ptr + rows[:, None] * syt + cols0[None, :] * sym,
+                         acc0.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask0[None, :])
+                first = pid + G
+            for tile in range(first, N_TILES, G):
                 cols = tile * BN + tl.arange(0, BN)
                 cmask = cols < M_OUT
                 acc = tl.zeros((BT, BN), dtype=tl.float32)
@@ -144,19 +165,19 @@ def _scratch_for(device: torch.device, bt: int, rp: int, g: int, fused: bool):
 
 @functools.lru_cache(maxsize=1024)
 def plan(t: int, n: int, m: int, r: int, g: int, br: int = 0, kc: int = 0, bn: int = 0,
-         bk2: int = 0, warps: int = 4) -> dict:
+         bk2: int = 0, warps: int = 4, prefetch: int = 0) -> dict:
     """Tile sizes for T = t rows: about one phase-1 unit and one phase-2 tile per program.
     Nonzero br/kc/bn/bk2 override the heuristic (benchmarks/lowrank_decode_tune.py)."""
     # measured on the H100 (benchmarks/results/lowrank_decode_tune.md): r blocks of 64 and
     # about one phase-1 unit per program
     br = br or _clamp_pow2(r, 16, 64)
-    n_rb = triton.cdiv(r, br)
-    kc = kc or _clamp_pow2(triton.cdiv(n * n_rb, g), 32, 512)
-    bn = bn or _clamp_pow2(triton.cdiv(m, g), 32, 128)
+    n_rb = cdiv(r, br)
+    kc = kc or _clamp_pow2(cdiv(n * n_rb, g), 32, 512)
+    bn = bn or _clamp_pow2(cdiv(m, g), 32, 128)
     bk2 = bk2 or min(64, _clamp_pow2(r, 16, 64))
     return {"BT": max(16, _next_pow2(t)), "KC": kc, "BR": br, "BN": bn, "BK2": bk2,
-            "RP": max(16, _next_pow2(r)), "N_RB": n_rb, "N_UNITS": triton.cdiv(n, kc) * n_rb,
-            "N_TILES": triton.cdiv(m, bn), "warps": warps}
+            "RP": max(16, _next_pow2(r)), "N_RB": n_rb, "N_UNITS": cdiv(n, kc) * n_rb,
+            "N_TILES": cdiv(m, bn), "warps": warps, "PREFETCH": bool(prefetch)}
 
 
 def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
@@ -164,7 +185,8 @@ def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
                    tiles: dict | None = None) -> torch.Tensor:
     """y = (x @ v) @ uᵀ + bias for x with at most 64 rows (over its last dimension). ``fused``
     (default: on a GPU) runs both phases in one launch with a grid barrier; otherwise two.
-    ``tiles`` overrides tile sizes ({"br", "kc", "bn", "bk2", "warps"}; for tuning)."""
+    ``tiles`` overrides tile sizes ({"br", "kc", "bn", "bk2", "warps", "prefetch"}; for
+    tuning)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     lead = x.shape[:-1]
@@ -185,10 +207,11 @@ def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
             y.stride(0), y.stride(1))
     meta = {k: p[k] for k in ("BT", "KC", "BR", "BN", "BK2", "RP")}
     if fused:
-        _DECODE((g,), *args, HAS_BIAS=bias is not None, PHASE=0, **meta, num_warps=p["warps"])
+        _DECODE((g,), *args, HAS_BIAS=bias is not None, PHASE=0, PREFETCH=p["PREFETCH"], **meta,
+                num_warps=p["warps"])
     else:
         h[: p["BT"] * p["RP"]].zero_()
         for phase in (1, 2):
-            _DECODE((g,), *args, HAS_BIAS=bias is not None, PHASE=phase, **meta,
-                    num_warps=p["warps"])
+            _DECODE((g,), *args, HAS_BIAS=bias is not None, PHASE=phase,
+                    PREFETCH=p["PREFETCH"] and phase == 2, **meta, num_warps=p["warps"])
     return y.reshape(*lead, m)

@@ -23,7 +23,7 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
 
-from layerzip import LaunchCache, triton_interpreted
+from layerzip import LaunchCache, cdiv, triton_interpreted
 
 INTERPRET = triton_interpreted()
 
@@ -113,7 +113,7 @@ def lowrank_fused(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
     br = min(max(16, _next_pow2(r)), 256)
 
     def grid(meta):
-        return (triton.cdiv(t, meta["BM"]),)
+        return (cdiv(t, meta["BM"]),)
 
     _FUSED(grid,
         x2, v, u, bias if bias is not None else y, h, y,
