@@ -42,7 +42,7 @@ from .plugins import (
 from .report import LayerRow, Report
 from .sources import CompressOutcome, Metric, ModelSource
 from .spec import Rule, Spec, json_schema, validate_params
-from .triton_launch import LaunchCache
+from .triton_launch import LaunchCache, cdiv
 from .views import DenseWeightView, WeightView
 from .walker import compress
 
@@ -52,7 +52,7 @@ __all__ = [
     "Conv1DAdapter", "DenseWeightView", "Estimate", "FitContext", "LayerAdapter", "LayerRow",
     "LaunchCache", "LayerStats", "LayerzipError", "LinearAdapter", "MeasuredBackend", "Params", "PivotStrategy", "Plan",
     "PlannedLayer", "PluginError", "Registry", "Report", "Rule", "Spec", "SpecError",
-    "WeightView", "__version__", "cache_dir", "call_model", "collect_stats", "compress", "get_approximator",
+    "WeightView", "__version__", "cache_dir", "call_model", "cdiv", "collect_stats", "compress", "get_approximator",
     "get_backend", "get_pivot_strategy", "get_registry", "hookimpl", "json_schema", "load",
     "load_record", "plan", "read_manifest", "reset_registry", "save", "save_record",
     "validate_params", "write_atomic",

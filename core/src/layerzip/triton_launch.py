@@ -28,6 +28,12 @@ _I32 = (-(2 ** 31), 2 ** 31 - 1)
 LAUNCH_OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg"})
 
 
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for host code (grids, tile counts). ``triton.cdiv`` is a constexpr function
+    since Triton 3.5, and calling one from Python costs µs: too much per launch."""
+    return -(-a // b)
+
+
 @functools.cache
 def _has_cuda() -> bool:
     return torch.cuda.is_available()
@@ -76,14 +82,19 @@ def launch_signature(args: tuple, kwargs: dict, constexpr_at: list[bool],
     """The cache key of one launch: per positional argument what :func:`arg_signature` keeps
     (inlined: this runs on every call), keyword arguments and the autotuner's key arguments
     (``tuning_at``: (position, name)) by value, and the current CUDA device."""
+    # exact-type tests first: isinstance(v, torch.Tensor) goes through the tensor metaclass's
+    # __instancecheck__ (slow); subclasses (nn.Parameter) still reach arg_signature
     sig = tuple([("c", v) if const else
-                 (v.dtype, (v.data_ptr() & 15) == 0) if isinstance(v, torch.Tensor) else
+                 (v.dtype, (v.data_ptr() & 15) == 0) if type(v) is _Tensor else
                  ("i", v == 1, (v & 15) == 0, _I32[0] <= v <= _I32[1]) if type(v) is int else
                  arg_signature(v, False)
                  for v, const in zip(args, constexpr_at)])
     tuning = tuple([args[i] if i < len(args) else kwargs.get(n) for i, n in tuning_at])
     device = torch.cuda.current_device() if _has_cuda() else None
     return sig, tuple(kwargs.items()), tuning, device
+
+
+_Tensor = torch.Tensor
 
 
 class LaunchCache:
@@ -125,16 +136,18 @@ class LaunchCache:
             if entry is False:
                 self._entries[key] = self._entry(compiled, args, kwargs)
             return compiled
-        compiled, meta = entry
-        named = dict(zip(self.arg_names, args), **kwargs, **meta)
-        g = tuple(grid(named) if callable(grid) else grid) + (1, 1)
-        params = [named[n] for n in self.arg_names]
+        compiled, meta, tail = entry
+        if callable(grid):
+            g = tuple(grid(dict(zip(self.arg_names, args), **kwargs, **meta))) + (1, 1)
+        else:
+            g = tuple(grid) + (1, 1)
+        params = args + tail if tail else args
         stream = _current_stream(key[-1])
         # what JITFunction.run passes since Triton 3.3: grid, stream, function, metadata, launch
-        # metadata and the launch hooks (profilers), then every parameter, constexprs included
-        from triton import knobs
-
-        enter, leave = _hook(knobs.runtime.launch_enter_hook), _hook(knobs.runtime.launch_exit_hook)
+        # metadata and the launch hooks (profilers, looked up per call: one may be added any
+        # time), then every parameter, constexprs included
+        runtime = _runtime_knobs()
+        enter, leave = _hook(runtime.launch_enter_hook), _hook(runtime.launch_exit_hook)
         launch_metadata = compiled.launch_metadata(g[:3], stream, *params) if enter else None
         compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata,
                      launch_metadata, enter, leave, *params)
@@ -142,6 +155,9 @@ class LaunchCache:
         return compiled
 
     def _entry(self, compiled, args: tuple, kwargs: dict) -> tuple | None:
+        """(compiled kernel, the config's meta-parameters, the parameters after the positional
+        ones in kernel order) — all fixed for a launch signature, which holds the number of
+        positional arguments, the keyword values and the autotuner's key."""
         config = getattr(self.kernel, "best_config", None)
         if config is not None and getattr(config, "pre_hook", None) is not None:
             return None
@@ -151,7 +167,20 @@ class LaunchCache:
                 or any(n not in self.arg_names and n not in LAUNCH_OPTIONS for n in kwargs):
             return None  # defaults to look up, or unknown keywords: leave those to Triton
         compiled._init_handles()
-        return compiled, meta
+        named.update(meta)
+        return compiled, meta, tuple(named[n] for n in self.arg_names[len(args):])
+
+
+_knobs_runtime = None
+
+
+def _runtime_knobs():
+    global _knobs_runtime
+    if _knobs_runtime is None:
+        from triton import knobs
+
+        _knobs_runtime = knobs.runtime
+    return _knobs_runtime
 
 
 def _hook(chain):
@@ -172,4 +201,4 @@ def _current_stream(device: int) -> int:
     return _stream_of(device)
 
 
-__all__ = ["LaunchCache", "arg_signature", "launch_signature"]
+__all__ = ["LaunchCache", "arg_signature", "cdiv", "launch_signature"]

@@ -36,7 +36,7 @@ class TritonKronBackend(TritonKernelBackend):
         from .triton_kernel import add_block_residual_, kron_fused_autograd
 
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         y = kron_fused_autograd(x2, a, b)
         if res_val is not None and res_val.dim() == 3 and not (torch.is_grad_enabled() and (
                 x.requires_grad or a.requires_grad or b.requires_grad or res_val.requires_grad)):

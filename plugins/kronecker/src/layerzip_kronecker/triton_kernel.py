@@ -41,7 +41,7 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-from layerzip import LaunchCache, triton_interpreted
+from layerzip import LaunchCache, cdiv, triton_interpreted
 
 INTERPRET = triton_interpreted()
 # correctness runs on a GPU (LAYERZIP_TRITON_QUICK=1): two configs per kernel, not a full
@@ -259,14 +259,14 @@ def kron_fused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     """Σₖ (Aₖ ⊗ Bₖ) x over the last dimension of x (no residual, no bias)."""
     r, m1, n1 = a.shape
     _, m2, n2 = b.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, n1 * n2).contiguous()
+    flat = x.dim() == 2  # the common call (from kron_fused_autograd): no reshapes needed
+    x2 = x.contiguous() if flat else x.reshape(-1, n1 * n2).contiguous()
     t = x2.shape[0]
     y = torch.empty((t, m1 * m2), device=x.device, dtype=x.dtype)
     if t:
-        _FWD(lambda meta: (_programs(x2, triton.cdiv(t, meta["TB"]), meta["OCC"]),),
+        _FWD(lambda meta: (_programs(x2, cdiv(t, meta["TB"]), meta["OCC"]),),
              x2, a.contiguous(), b.contiguous(), y, *_shape_args(t, a, b))
-    return y.reshape(*lead, m1 * m2)
+    return y if flat else y.reshape(*x.shape[:-1], m1 * m2)
 
 
 def add_block_residual_(y: torch.Tensor, x2: torch.Tensor, blocks: torch.Tensor,
@@ -282,7 +282,7 @@ def add_block_residual_(y: torch.Tensor, x2: torch.Tensor, blocks: torch.Tensor,
     # block-row pointers by binary search (no host sync; the grid covers every block row)
     rowptr = torch.searchsorted(blocks // n1, torch.arange(m1 + 1, device=blocks.device,
                                                            dtype=blocks.dtype)).to(torch.int32)
-    _BLOCKS(lambda meta: (triton.cdiv(t, meta["BT"]), m1), x2, values.contiguous(),
+    _BLOCKS(lambda meta: (cdiv(t, meta["BT"]), m1), x2, values.contiguous(),
             blocks.contiguous(), rowptr, y, t, 1 << max(0, (t - 1).bit_length()), n1, n2, m2,
             _p2(m2), _p2(n2), _precision())
     return y
@@ -303,7 +303,7 @@ def kron_factor_grads(x2: torch.Tensor, dy: torch.Tensor, a: torch.Tensor,
     parts = torch.zeros((slots, r, bm1 * bn1 + bm2 * bn2), device=x2.device,
                         dtype=torch.float32)
     if t:
-        _GRAD(lambda meta: (_programs(x2, triton.cdiv(t, meta["TB"]), meta["OCC"]), r),
+        _GRAD(lambda meta: (_programs(x2, cdiv(t, meta["TB"]), meta["OCC"]), r),
               x2, dy, a.contiguous(), b.contiguous(), parts, *args)
     total = parts.sum(0)
     da = total[:, :bm1 * bn1].view(r, bm1, bn1)[:, :m1, :n1]
@@ -333,10 +333,10 @@ class _KronFused(torch.autograd.Function):
 
 def kron_fused_autograd(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """:func:`kron_fused` that autograd can see through (gradients for x, A and B)."""
-    r, m1, n1 = a.shape
-    _, m2, n2 = b.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, n1 * n2).contiguous()
+    flat = x.dim() == 2
+    x2 = x.contiguous() if flat else x.reshape(-1, a.shape[2] * b.shape[2]).contiguous()
     if not (torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad)):
-        return kron_fused(x2, a, b).reshape(*lead, m1 * m2)
-    return _KronFused.apply(x2, a, b).reshape(*lead, m1 * m2)
+        y = kron_fused(x2, a, b)
+    else:
+        y = _KronFused.apply(x2, a, b)
+    return y if flat else y.reshape(*x.shape[:-1], a.shape[1] * b.shape[1])

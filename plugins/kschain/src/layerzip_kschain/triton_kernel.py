@@ -42,7 +42,7 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-from layerzip import LaunchCache, triton_interpreted
+from layerzip import LaunchCache, cdiv, triton_interpreted
 
 from .patterns import Pattern
 
@@ -464,7 +464,7 @@ def factor_forward(x: torch.Tensor, w: torch.Tensor, p: Pattern, batch_last: boo
     if contiguous and split_group(d) and (x.dtype in SPLIT_DTYPES or INTERPRET):
         def grid_split(meta):
             return (a * (d // meta["DG"]),
-                    triton.cdiv(t, meta["BT"]) * triton.cdiv(b, meta["BB"]))
+                    cdiv(t, meta["BT"]) * cdiv(b, meta["BB"]))
 
         _FWD_SPLIT(grid_split, x, w, y, t, a, b, c, x.stride(0), y.stride(0), sw_blk, sw_b, sw_c,
                    D=d, PRECISION=_precision(x.dtype))
@@ -472,8 +472,8 @@ def factor_forward(x: torch.Tensor, w: torch.Tensor, p: Pattern, batch_last: boo
 
     if contiguous and d >= MIN_D_3D:
         def grid3(meta):
-            return (a * triton.cdiv(d, meta["BD"]),
-                    triton.cdiv(t, meta["BT"]) * triton.cdiv(b, meta["BB"]))
+            return (a * cdiv(d, meta["BD"]),
+                    cdiv(t, meta["BT"]) * cdiv(b, meta["BB"]))
 
         _FWD_3D(grid3, x, w, y, t, a, b, c, d, x.stride(0), y.stride(0), sw_blk, sw_b, sw_c,
                           PRECISION=_precision(x.dtype))
@@ -481,14 +481,14 @@ def factor_forward(x: torch.Tensor, w: torch.Tensor, p: Pattern, batch_last: boo
 
     if batch_last:
         def grid_bl(meta):
-            return (triton.cdiv(t, meta["BT"]) * triton.cdiv(b, meta["BB"]), a * d)
+            return (cdiv(t, meta["BT"]) * cdiv(b, meta["BB"]), a * d)
 
         _FWD_BL(grid_bl, x, w, y, t, a, b, c, d, sx_t, sx_f, sy_t, sy_f, sw_blk, sw_b, sw_c,
                 PRECISION=_precision(x.dtype))
         return y
 
     def grid(meta):
-        return (a * d, triton.cdiv(t, meta["BT"]) * triton.cdiv(b, meta["BB"]))
+        return (a * d, cdiv(t, meta["BT"]) * cdiv(b, meta["BB"]))
 
     _FWD(grid, x, w, y, t, a, b, c, d, sx_t, sx_f, sy_t, sy_f, sw_blk, sw_b, sw_c,
          PRECISION=_precision(x.dtype))
@@ -500,14 +500,14 @@ def factor_weight_grad(x: torch.Tensor, g: torch.Tensor, p: Pattern, batch_last:
     """dW (a·d, b, c) = Σ_t dY_blkᵀ X_blk, in float32."""
     a, b, c, d = p.a, p.b, p.c, p.d
     t = x.shape[1] if batch_last else x.shape[0]
-    tiles = triton.cdiv(b, 64) * triton.cdiv(c, 64)
-    split = 1 if INTERPRET else max(1, min(triton.cdiv(t, 256), triton.cdiv(264, a * d * tiles)))
+    tiles = cdiv(b, 64) * cdiv(c, 64)
+    split = 1 if INTERPRET else max(1, min(cdiv(t, 256), cdiv(264, a * d * tiles)))
     partial = torch.empty((split, a * d, b, c), device=x.device, dtype=torch.float32)
     sx_t, sx_f = _strides(x, batch_last)
     sg_t, sg_f = _strides(g, batch_last)
 
     def grid(meta):
-        return (a * d, triton.cdiv(b, meta["BB"]) * triton.cdiv(c, meta["BC"]), split)
+        return (a * d, cdiv(b, meta["BB"]) * cdiv(c, meta["BC"]), split)
 
     _DW(grid, x, g, partial, t, a, b, c, d, split, sx_t, sx_f, sg_t, sg_f,
                  X_TOKEN_MAJOR=not batch_last, PRECISION=_precision(x.dtype))
