@@ -97,9 +97,39 @@ def test_cli_trains_with_the_triton_impl(tmp_path):
     assert a.history[-1]["val_loss"] == pytest.approx(b.history[-1]["val_loss"], rel=1e-3)
 
 
-def test_auto_keeps_bmm_unless_on_a_gpu():
-    if not ON_GPU:
-        assert layerzip.get_backend("ks_matmul").name == "bmm"
+def test_auto_is_bmm_on_the_cpu_and_the_measured_choice_on_a_gpu():
+    assert layerzip.get_backend("ks_matmul").name == ("autotune" if ON_GPU else "bmm")
+
+
+def test_autotune_keys_patterns_layout_and_batch_last_tokens():
+    from layerzip_kschain.plugin import KSMeasuredBackend
+
+    be = KSMeasuredBackend()
+    p, q = Pattern(2, 16, 16, 1), Pattern(1, 16, 16, 2)
+    x = torch.zeros(32, 100)  # batch-last: 100 tokens in the last dimension
+    keys = {be.shape_key(x, [None], [p], True), be.shape_key(x, [None], [q], True),
+            be.shape_key(x, [None], [p], False), be.shape_key(torch.zeros(32, 300), [None], [p],
+                                                               True)}
+    assert len(keys) == 4
+    # tokens within one power-of-two bucket share a choice
+    assert be.shape_key(torch.zeros(32, 65), [None], [p], True) == be.shape_key(x, [None], [p],
+                                                                                True)
+
+
+def test_autotune_measures_once_and_returns_what_the_chosen_kernel_computes(monkeypatch):
+    from layerzip_kschain.plugin import KSMeasuredBackend
+
+    be = KSMeasuredBackend()
+    monkeypatch.setattr(be, "supports", lambda x: True)  # measure on whatever device runs tests
+    p = Pattern(2, 16, 16, 2)
+    w = torch.randn(p.num_blocks, p.b, p.c, device=DEVICE, dtype=torch.float16)
+    x = torch.randn(8, p.cols, device=DEVICE, dtype=torch.float16)
+    out = be(x, [w], [p], False)
+    ref = layerzip.get_backend("ks_matmul", "bmm")(x, [w], [p], False)
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+    assert len(be.choices) == 1 and next(iter(be.choices.values())).name in ("bmm", "triton")
+    be(x, [w], [p], False)
+    assert len(be.choices) == 1  # the same shape: no second measurement
 
 
 @pytest.mark.parametrize("p, batch_last, kernel", [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import layerzip
-from layerzip import Backend, TritonKernelBackend
+from layerzip import Backend, MeasuredBackend, TritonKernelBackend
 
 from .chain import chain_matmul_bmm
 from .method import KSChain
@@ -32,7 +32,9 @@ class TritonKSBackend(TritonKernelBackend):
     op = OP
     name = "triton"
     differentiable = True
-    gpu_priority = -10  # opt-in until benchmarks/results/kschain_gpu.md says otherwise
+    # below bmm: `autotune` (what `auto` picks on a GPU) measures which of the two is faster per
+    # shape; neither wins everywhere (benchmarks/results/kschain_gpu.md)
+    gpu_priority = -10
     description = "Triton tensor-core kernel per factor, forward + backward, both layouts"
 
     def supports(self, x):
@@ -44,6 +46,22 @@ class TritonKSBackend(TritonKernelBackend):
         return ks_chain_triton(x, factors, patterns, batch_last)
 
 
+class KSMeasuredBackend(MeasuredBackend):
+    """``autotune``: bmm or the Triton kernel, whichever a one-time measurement finds faster
+    per (device, dtype, token bucket, patterns, layout) — what ``auto`` picks on a GPU. Neither
+    wins everywhere: cuBLAS's batched GEMM beats the kernel batch-last with d = 1 and large
+    blocks ((64,256,256,1): 0.19 vs 0.26 ms, benchmarks/results/kschain_gpu.md)."""
+
+    op = OP
+
+    def shape_key(self, x, factors, patterns, batch_last=False):
+        # the core buckets x's leading dimensions as tokens: right batch-first; batch-last
+        # keeps tokens in the last dimension, so their bucket is added here
+        t = x.shape[-1] if batch_last else 0
+        return (tuple(tuple(p.as_list()) for p in patterns), bool(batch_last),
+                1 << max(0, (t - 1).bit_length()) if batch_last else 0)
+
+
 @layerzip.hookimpl
 def register_approximators(register):
     register(KSChain())
@@ -53,3 +71,4 @@ def register_approximators(register):
 def register_backends(register):
     register(BmmBackend())
     register(TritonKSBackend())
+    register(KSMeasuredBackend())
