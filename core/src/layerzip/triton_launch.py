@@ -25,7 +25,7 @@ from .backends import triton_interpreted
 _I32 = (-(2 ** 31), 2 ** 31 - 1)
 # keywords of a launch that are compile options, not kernel parameters: keyed by value (the
 # first call compiles the variant they ask for, the replay runs that variant)
-LAUNCH_OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg"})
+LAUNCH_OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg", "launch_pdl"})
 
 
 def cdiv(a: int, b: int) -> int:
@@ -104,7 +104,7 @@ class LaunchCache:
     without ``pre_hook``); ``grid`` is a tuple or a callable of the named arguments plus the
     chosen config's meta-parameters, as for Triton. Every parameter of the kernel must be passed
     (defaults are not looked up: such calls always go through Triton); launch options
-    (num_warps, num_stages, num_ctas, maxnreg) are part of the key. Results are identical to
+    (num_warps, num_stages, num_ctas, maxnreg, launch_pdl) are part of the key. Results are identical to
     Triton's own launch: the same compiled binary runs with the same arguments."""
 
     def __init__(self, kernel):
