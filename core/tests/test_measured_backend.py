@@ -97,3 +97,38 @@ def test_a_first_call_inside_a_cuda_graph_capture_does_not_measure(measured, mon
     x, w = torch.randn(4, 8), torch.randn(8, 3)
     torch.testing.assert_close(measured(x, w), x @ w)
     assert measured.choices == {} and FastNoGrad.calls == 1 and Slow.calls == 0
+
+
+def test_calls_inside_a_capture_use_the_choice_measured_for_graphs(measured, monkeypatch):
+    """Eager, the host's time decides; inside a CUDA graph, the GPU's. Here the slow-eager
+    candidate is the faster one in a graph (as a one-launch kernel is against torch's several
+    launches): after the measuring call, a capture gets it while eager calls keep the other."""
+    import layerzip.backends
+
+    monkeypatch.setattr(layerzip.backends, "_graph_seconds",
+                        lambda fn: 1e-6 if _is_slow(fn) else 1e-3)
+    x, w = torch.randn(4, 8), torch.randn(8, 3)
+    measured(x, w)
+    (eager,), (graphed,) = measured.choices.values(), measured.graph_choices.values()
+    assert eager.name == "fast" and graphed.name == "slow"
+    monkeypatch.setattr(layerzip.backends, "_capturing", lambda: True)
+    before = Slow.calls
+    torch.testing.assert_close(measured(x, w), x @ w)
+    assert Slow.calls == before + 1
+
+
+def test_without_graph_timings_graphs_get_the_eager_choice(measured, monkeypatch):
+    import layerzip.backends
+
+    monkeypatch.setattr(layerzip.backends, "_graph_seconds", lambda fn: None)  # no CUDA
+    x, w = torch.randn(4, 8), torch.randn(8, 3)
+    measured(x, w)
+    assert [b.name for b in measured.graph_choices.values()] == ["fast"]
+
+
+def _is_slow(fn) -> bool:
+    """Whether ``fn`` (a measuring closure over one candidate) calls the Slow backend."""
+    before = Slow.calls
+    fn()
+    return Slow.calls > before
+

@@ -84,6 +84,19 @@ class TritonKernelBackend(Backend):
         return on_device and not torch.compiler.is_compiling()
 
 
+def _graph_seconds(fn) -> float | None:
+    """Seconds per call of ``fn`` inside a CUDA graph, or None where that cannot be measured
+    (no CUDA, or ``fn`` cannot be captured: then it is not chosen for graphs)."""
+    if not torch.cuda.is_available():
+        return None
+    from .bench import graph_time
+
+    try:
+        return graph_time(fn, rounds=5, warmup=2, min_replay_s=5e-5, max_calls=32).median
+    except RuntimeError:
+        return None
+
+
 def _capturing() -> bool:
     """Whether the current CUDA stream is capturing a graph (False without CUDA)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
@@ -95,19 +108,25 @@ class MeasuredBackend(Backend):
     GPU when a plugin registers one. Subclasses set ``op`` and :meth:`shape_key`: what besides
     device, dtype and the bucketed token count decides a kernel's speed.
 
+    Two choices per shape: the fastest eager call (for small layers that is the one with the
+    least host time) and the fastest per call inside a CUDA graph (the GPU's time,
+    :func:`layerzip.bench.graph_time`), which serves calls made while a graph is captured —
+    a model step captured after an eager warm-up runs the kernel that is fastest there.
     Calls that need gradients are measured separately and choose among differentiable backends
-    only, so this backend is itself differentiable. Choices are cached in :attr:`choices`.
-    Not available without a CUDA GPU: on a CPU there is one real kernel per op."""
+    only, so this backend is itself differentiable. Choices are cached in :attr:`choices` and
+    :attr:`graph_choices`. Not available without a CUDA GPU: on a CPU there is one real kernel
+    per op."""
 
     name: ClassVar[str] = "autotune"
     priority: ClassVar[int] = 30
-    description: ClassVar[str] = "measure the available backends once per shape on the GPU, " \
-                                 "use the fastest"
+    description: ClassVar[str] = "measure the available backends once per shape on the GPU " \
+                                 "(eager and inside CUDA graphs), use the fastest"
     #: backends never measured (their first call compiles for minutes: torch.compile, TensorRT)
     skip: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self):
         self.choices: dict[tuple, Backend] = {}
+        self.graph_choices: dict[tuple, Backend] = {}
 
     def available(self) -> tuple[bool, str]:
         if not torch.cuda.is_available():
@@ -134,18 +153,24 @@ class MeasuredBackend(Backend):
         t = x.numel() // max(x.shape[-1], 1)
         key = (x.device, x.dtype, 1 << max(0, (t - 1).bit_length()), grad,
                *self.shape_key(x, *args))
+        if _capturing():
+            # timing synchronizes, which would break the capture: the choice measured for
+            # graphs serves, or, before any measurement, the highest-priority candidate
+            best = self.graph_choices.get(key) or self.candidates(x, grad)[0]
+            return best(x, *args)
         best = self.choices.get(key)
-        if best is None and _capturing():
-            # timing synchronizes, which would break the capture: the highest-priority
-            # candidate serves this call, and the first call outside a capture measures
-            return self.candidates(x, grad)[0](x, *args)
         if best is None:
             from .bench import time_callable
 
-            timed = []
+            timed, in_graph = [], []
             with torch.no_grad():
                 for b in self.candidates(x, grad):
                     timed.append((time_callable(lambda b=b: b(x, *args), rounds=5,
                                                 warmup=2).median, b))
+                    seconds = _graph_seconds(lambda b=b: b(x, *args))
+                    if seconds is not None:
+                        in_graph.append((seconds, b))
             best = self.choices[key] = min(timed, key=lambda tb: tb[0])[1]
+            self.graph_choices[key] = min(in_graph, key=lambda tb: tb[0])[1] if in_graph \
+                else best
         return best(x, *args)
