@@ -61,9 +61,13 @@ class TritonKernelBackend(Backend):
     Inference only unless a subclass wraps its kernel in an autograd.Function and sets
     ``differentiable = True``: calls that need gradients are declined by :meth:`accepts` (the
     module falls back to the op's differentiable reference), and so are inputs seen while
-    torch.compile traces."""
+    torch.compile traces unless the subclass sets ``compile_safe`` (its kernels are custom
+    ops that a compiled graph can hold)."""
 
     differentiable: ClassVar[bool] = False
+    #: True when the backend's call works while torch.compile traces (its kernels registered
+    #: as torch.library custom ops); otherwise compiled modules run the op's reference
+    compile_safe: ClassVar[bool] = False
 
     #: priority on a CUDA machine (set negative to make the kernel opt-in)
     gpu_priority: ClassVar[int] = 10
@@ -81,7 +85,7 @@ class TritonKernelBackend(Backend):
 
     def supports(self, x: Tensor) -> bool:
         on_device = x.device.type == "cuda" or (triton_interpreted() and x.device.type == "cpu")
-        return on_device and not torch.compiler.is_compiling()
+        return on_device and (self.compile_safe or not torch.compiler.is_compiling())
 
 
 def _graph_seconds(fn) -> float | None:

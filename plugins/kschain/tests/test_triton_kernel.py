@@ -204,3 +204,73 @@ def test_split_kernel_with_fewer_delta_per_program(groups, monkeypatch):
     assert rel(y, factor_matmul(x.double(), w.double(), p, False)) < TOL[dtype]
     if not ON_GPU or k.QUICK:  # a full GPU autotune may pick any allowed count
         assert k._ks_fwd_split.best_config.kwargs["DG"] == groups[-1]
+
+
+@pytest.mark.parametrize("batch_last", [False, True], ids=["bs_first", "bs_last"])
+def test_torch_compile_runs_the_kernels_as_custom_ops(batch_last):
+    # the compiled graph holds the custom ops (fullgraph: no fallback to eager anywhere), and
+    # the compiled forward and backward agree with bmm
+    from layerzip_kschain import ops
+
+    pats = [Pattern(2, 16, 16, 2), Pattern(4, 16, 16, 1)]
+    g = torch.Generator().manual_seed(7)
+    ws = [torch.randn(p.num_blocks, p.b, p.c, generator=g).to(DEVICE).requires_grad_()
+          for p in pats]
+    x = torch.randn(24, pats[-1].cols, generator=g).to(DEVICE)
+    x = (x.t().contiguous() if batch_last else x).requires_grad_()
+    kernel = layerzip.get_backend("ks_matmul", "triton")
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    compiled = torch.compile(lambda x, *ws: kernel(x, list(ws), pats, batch_last),
+                             backend=backend, fullgraph=True)
+    y = compiled(x, *ws)
+    assert any("layerzip_kschain.factor" in s for s in seen), seen
+    y.square().sum().backward()
+    got = [x.grad.clone()] + [w.grad.clone() for w in ws]
+    for t in [x, *ws]:
+        t.grad = None
+    ref = chain_matmul_bmm(x, list(ws), pats, batch_last)
+    ref.square().sum().backward()
+    assert rel(y, ref) < 1e-5
+    for a, b in zip(got, [x.grad] + [w.grad for w in ws]):
+        assert rel(a, b) < 1e-4
+    assert ops.factor is not None
+
+
+def test_compiled_module_holds_the_kernel_op_in_one_graph():
+    # the module's forward traces whole (fullgraph) with the triton backend: its factors are
+    # taken by index (torch 2.11's dynamo failed unpacking the ParameterList's iterator)
+    pats = [Pattern(2, 16, 16, 2), Pattern(4, 16, 16, 1)]
+    m = KSChainLinear(64, 64, pats, backend="triton").to(DEVICE)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    with torch.no_grad():
+        for f in m.factors:
+            f.normal_()
+        x = torch.randn(24, 64, device=DEVICE)
+        out = torch.compile(m, backend=backend, fullgraph=True)(x)
+        assert rel(out, m(x)) < 1e-6
+    assert sum("layerzip_kschain.factor" in s for s in seen) == 2, seen
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs (torch.compile mode='reduce-overhead')")
+def test_compiled_module_with_cuda_graphs_matches_eager():
+    pats = [Pattern(4, 64, 64, 4), Pattern(16, 64, 64, 1)]
+    m = KSChainLinear(1024, 1024, pats, backend="triton").to(DEVICE, torch.bfloat16)
+    with torch.no_grad():
+        for f in m.factors:
+            f.normal_(std=0.125)
+        x = torch.randn(512, 1024, device=DEVICE, dtype=torch.bfloat16)
+        eager = m(x)
+        compiled = torch.compile(m, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):  # warm-up, record, replay
+            out = compiled(x)
+    assert rel(out, eager) < 1e-2

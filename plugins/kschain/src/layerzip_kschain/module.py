@@ -50,8 +50,11 @@ class KSChainLinear(ApproxModule):
         x2 = x.reshape(-1, x.shape[-1])
         if self.in_padded > self.in_features:
             x2 = F.pad(x2, (0, self.in_padded - self.in_features))
-        kernel = self._kernel if self._kernel.accepts(x2, *self.factors) else self._reference
-        y = kernel(x2, list(self.factors), self.patterns, False)
+        # by index, not by iterating the ParameterList: dynamo (torch 2.11) cannot unpack its
+        # iterator, a generator, in a call under torch.compile(fullgraph=True)
+        factors = [self.factors[i] for i in range(len(self.factors))]
+        kernel = self._kernel if self._kernel.accepts(x2, *factors) else self._reference
+        y = kernel(x2, factors, self.patterns, False)
         if self.out_padded > self.out_features:
             y = y[:, : self.out_features]
         if self.bias is not None:

@@ -32,6 +32,7 @@ class TritonKSBackend(TritonKernelBackend):
     op = OP
     name = "triton"
     differentiable = True
+    compile_safe = True  # under torch.compile the kernels run as custom ops (ops.py)
     # below bmm: `autotune` (what `auto` picks on a GPU) measures which of the two is faster per
     # shape; neither wins everywhere (benchmarks/results/kschain_gpu.md)
     gpu_priority = -10

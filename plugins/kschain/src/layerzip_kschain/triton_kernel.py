@@ -535,7 +535,14 @@ class _KSFactor(torch.autograd.Function):
 
 def ks_chain_triton(x: torch.Tensor, factors, patterns, batch_last: bool = False
                     ) -> torch.Tensor:
-    """The chain, one kernel launch per factor (differentiable through _KSFactor)."""
+    """The chain, one kernel launch per factor (differentiable through _KSFactor; while
+    torch.compile traces, through the custom ops of ops.py, which it can put in its graph)."""
+    if torch.compiler.is_compiling():
+        from .ops import factor
+
+        for w, p in zip(factors, patterns):
+            x = factor(x, w, p.as_list(), batch_last)
+        return x
     x = x.contiguous()
     track = torch.is_grad_enabled()
     for w, p in zip(factors, patterns):
