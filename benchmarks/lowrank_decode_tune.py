@@ -24,8 +24,10 @@ from layerzip_lowrank.decode_kernel import _programs, lowrank_decode, plan
 from lowrank_cases import make_case
 
 SHAPES = [(16, 4096, 11008, 256), (16, 4096, 4096, 256), (1, 4096, 11008, 256)]
-GRID = {"br": (64,), "kc": (128,), "bn": (32, 64, 128), "bk2": (64,), "warps": (4, 8),
-        "prefetch": (0, 1), "pdl": (0, 1)}
+GRID = {"br": (64,), "kc": (64, 128, 256), "bn": (64, 128), "bk2": (64,), "warps": (4, 8),
+        "prefetch": (0, 1), "pdl": (1,), "split": (0, 1)}
+# a layer followed by an elementwise op, per launch mode
+INTERLEAVED = {"pdl off": {"pdl": 0}, "pdl on": {"pdl": 1}, "pdl, split": {"pdl": 1, "split": 1}}
 
 
 def main() -> None:
@@ -65,13 +67,12 @@ def main() -> None:
         # (ours do; torch's elementwise kernels between layers do not): the default tiles with
         # and without it, each layer followed by an elementwise op as in a model
         scratch = torch.empty_like(x)
-        for pdl in (0, 1):
-            tiles = {"pdl": pdl}
+        for mode, tiles in INTERLEAVED.items():
             with torch.no_grad():
                 mixed = graph_time([lambda u=u_, v=v_, tiles=tiles: (
                     lowrank_decode(x, u, v, b, tiles=tiles), torch.add(x, 1, out=scratch))
                     for u_, v_ in uvs], rounds=50)
-            interleaved.append({"shape": f"T={t} {n}→{m} r={r}", "pdl": pdl,
+            interleaved.append({"shape": f"T={t} {n}→{m} r={r}", "mode": mode,
                                 "layer_plus_add_us": mixed.median * 1e6})
             print(json.dumps(interleaved[-1]), flush=True)
     out = Path(args.out)
@@ -91,10 +92,11 @@ def main() -> None:
                      f"{dflt['speedup'] if dflt else float('nan'):.2f}× | "
                      f"{best['dense_us']:.1f} | {best['torch_two_gemm_us']:.1f} |")
     lines += ["", "Default tiles, each layer followed by an elementwise op (`torch.add`) in the "
-              "graph — µs per layer + op:", "", "| shape | pdl off | pdl on |", "|---|---|---|"]
+              "graph — µs per layer + op:", "", "| shape | " + " | ".join(INTERLEAVED) + " |",
+              "|---|" + "---|" * len(INTERLEAVED)]
     for shape in dict.fromkeys(r["shape"] for r in interleaved):
-        got = {r["pdl"]: r["layer_plus_add_us"] for r in interleaved if r["shape"] == shape}
-        lines.append(f"| {shape} | {got[0]:.1f} | {got[1]:.1f} |")
+        got = {r["mode"]: r["layer_plus_add_us"] for r in interleaved if r["shape"] == shape}
+        lines.append(f"| {shape} | " + " | ".join(f"{got[k]:.1f}" for k in INTERLEAVED) + " |")
     wrong = [r for r in rows if r["rel_error"] >= 1e-2]
     lines.append(f"\n{len(rows)} configurations timed, {len(wrong)} wrong (rel. error ≥ 1e-2).")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -105,18 +105,20 @@ def test_fused_kernel_replays_from_a_cuda_graph():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="programmatic dependent launch: a GPU (sm_90) feature")
+@pytest.mark.parametrize("split", [0, 1], ids=["one_launch", "split_launches"])
 @pytest.mark.parametrize("graphed", [False, True])
-def test_dependent_launches_wait_for_the_layer_before(graphed):
+def test_dependent_launches_wait_for_the_layer_before(graphed, split):
     # a chain of layers, each launched while the previous may still run (pdl): every layer
     # reads the previous one's output and shares its scratch, so a missing wait shows as wrong
-    # numbers; eager and replayed from a CUDA graph
+    # numbers; eager and replayed from a CUDA graph. With split, phase 2 is its own dependent
+    # launch that must wait for phase 1 (h) and leave h zeroed for the next layer.
     n, r, depth = 512, 64, 6
     x = torch.randn(16, n, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
     layers = [case(16, n, n, r, torch.bfloat16, seed=i)[1:] for i in range(depth)]
 
     def chain(inp):
         for u, v, b in layers:
-            inp = lowrank_decode(inp, u, v, b, tiles={"pdl": 1})
+            inp = lowrank_decode(inp, u, v, b, tiles={"pdl": 1, "split": split})
         return inp
 
     ref = x.double()

@@ -64,7 +64,7 @@ if triton is not None:
         sxt, sxn, svn, svr, sum_, sur, syt, sym,
         HAS_BIAS: tl.constexpr, PHASE: tl.constexpr, BT: tl.constexpr, KC: tl.constexpr,
         BR: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr, RP: tl.constexpr,
-        PREFETCH: tl.constexpr, PDL: tl.constexpr,
+        PREFETCH: tl.constexpr, PDL: tl.constexpr, ZERO_H: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rows = tl.arange(0, BT)
@@ -120,6 +120,11 @@ if triton is not None:
                 pass
         if PHASE != 1:
             # phase 2: y[:, tile] = h @ U[tile, :]ᵀ + b[tile]
+            if PHASE == 2 and PDL:
+                # split launch: the prefetched U tile was read while phase 1 ran; h is complete
+                # once that kernel is
+                tl.extra.cuda.gdc_wait()
+                tl.extra.cuda.gdc_launch_dependents()
             first = pid
             if PREFETCH:
                 # h beyond R is zero (never added to), so the whole RP width is loaded
@@ -147,7 +152,7 @@ if triton is not None:
                     acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
                 tl.store(y_ptr + rows[:, None] * syt + cols[None, :] * sym,
                          acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
-        if PHASE == 0:
+        if ZERO_H:
             # done reading h: the last program to arrive zeroes it for the next call (no one
             # waits here; kernel completion orders the stores before the next launch)
             done = tl.atomic_add(sync_ptr, 1, sem="acq_rel")
@@ -200,10 +205,12 @@ def _scratch_for(device: torch.device, bt: int, rp: int, g: int, fused: bool):
 
 @functools.lru_cache(maxsize=1024)
 def plan(t: int, n: int, m: int, r: int, g: int, br: int = 0, kc: int = 0, bn: int = 0,
-         bk2: int = 0, warps: int = 4, prefetch: int | None = None, pdl: int = 1) -> dict:
+         bk2: int = 0, warps: int = 4, prefetch: int | None = None, pdl: int = 1,
+         split: int = 0) -> dict:
     """Tile sizes for T = t rows: about one phase-1 unit and one phase-2 tile per program.
     Nonzero br/kc/bn/bk2 override the heuristic, prefetch/pdl the defaults
-    (benchmarks/lowrank_decode_tune.py)."""
+    (benchmarks/lowrank_decode_tune.py). ``split``: the two phases as two dependent launches
+    (the launch boundary replaces the grid barrier; needs pdl)."""
     # measured on the H100 (benchmarks/results/lowrank_decode_tune.md): r blocks of 64 and
     # about one phase-1 unit per program
     br = br or _clamp_pow2(r, 16, 64)
@@ -220,7 +227,7 @@ def plan(t: int, n: int, m: int, r: int, g: int, br: int = 0, kc: int = 0, bn: i
     return {"BT": max(16, _next_pow2(t)), "KC": kc, "BR": br, "BN": bn, "BK2": bk2,
             "RP": rp, "N_RB": n_rb, "N_UNITS": cdiv(n, kc) * n_rb,
             "N_TILES": cdiv(m, bn), "warps": warps, "PREFETCH": bool(prefetch),
-            "PDL": bool(pdl)}
+            "PDL": bool(pdl), "SPLIT": bool(split and pdl)}
 
 
 def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
@@ -229,7 +236,7 @@ def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
     """y = (x @ v) @ uᵀ + bias for x with at most 64 rows (over its last dimension). ``fused``
     (default: on a GPU) runs both phases in one launch with a grid barrier; otherwise two.
     ``tiles`` overrides tile sizes and options ({"br", "kc", "bn", "bk2", "warps", "prefetch",
-    "pdl"}; for tuning). ``pdl``: launch as a programmatic dependent launch (compute capability
+    "pdl", "split"}; for tuning). ``pdl``: launch as a programmatic dependent launch (compute capability
     ≥ 9; ignored elsewhere and on the two-launch path)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -252,12 +259,20 @@ def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
     meta = {k: p[k] for k in ("BT", "KC", "BR", "BN", "BK2", "RP")}
     if fused:
         pdl = {"launch_pdl": True} if p["PDL"] and _pdl_capable(x.device) else {}
-        _DECODE((g,), *args, HAS_BIAS=bias is not None, PHASE=0, PREFETCH=p["PREFETCH"],
-                PDL=bool(pdl), **meta, num_warps=p["warps"], **pdl)
+        if pdl and p["SPLIT"]:
+            # phase 1, then phase 2 as a dependent launch: it reads its U tile while phase 1
+            # runs and waits for that kernel instead of a grid barrier; it leaves h zeroed
+            _DECODE((g,), *args, HAS_BIAS=bias is not None, PHASE=1, PREFETCH=False,
+                    PDL=True, ZERO_H=False, **meta, num_warps=p["warps"], **pdl)
+            _DECODE((g,), *args, HAS_BIAS=bias is not None, PHASE=2, PREFETCH=p["PREFETCH"],
+                    PDL=True, ZERO_H=True, **meta, num_warps=p["warps"], **pdl)
+        else:
+            _DECODE((g,), *args, HAS_BIAS=bias is not None, PHASE=0, PREFETCH=p["PREFETCH"],
+                    PDL=bool(pdl), ZERO_H=True, **meta, num_warps=p["warps"], **pdl)
     else:
         h[: p["BT"] * p["RP"]].zero_()
         for phase in (1, 2):
             _DECODE((g,), *args, HAS_BIAS=bias is not None, PHASE=phase,
-                    PREFETCH=p["PREFETCH"] and phase == 2, PDL=False, **meta,
+                    PREFETCH=p["PREFETCH"] and phase == 2, PDL=False, ZERO_H=False, **meta,
                     num_warps=p["warps"])
     return y.reshape(*lead, m)
