@@ -1,8 +1,10 @@
 """Backends for op ``lowrank_matmul``: ``y = (x @ v) @ uᵀ + bias`` with u (m×r), v (n×r).
 
 ``torch`` is the plain reference; ``compile`` is torch.compile of it; ``fp8`` runs both GEMMs in
-float8 e4m3 with per-row scales on Hopper/Ada GPUs; ``tensorrt`` needs torch_tensorrt;
-``triton`` (see triton_kernel.py) fuses the two GEMMs and the bias into one kernel.
+float8 e4m3 with per-row scales on Hopper/Ada GPUs (fp8_kernel.py); ``tensorrt`` needs
+torch_tensorrt; ``triton`` (triton_kernel.py) fuses the two GEMMs and the bias into one kernel;
+``persistent`` (persistent_gemm.py) runs them as two persistent Triton GEMMs; ``splitk`` and
+``triton_decode`` (decode_kernel.py) are for a few rows.
 """
 
 from __future__ import annotations
@@ -70,28 +72,11 @@ def _fp8_available() -> tuple[bool, str]:
     return True, ""
 
 
-FP8_MAX = 448.0
-
-
-def quantize_rows(t: Tensor) -> tuple[Tensor, Tensor]:
-    """float8_e4m3fn values and float32 per-row scales with t ≈ q * scale."""
-    amax = t.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12)
-    scale = amax / FP8_MAX
-    q = (t.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q, scale
-
-
-@functools.cache
-def _fused_quantize_rows():
-    # Eager quantization makes four passes over the activations (abs, amax, divide, cast) and
-    # cost more than both GEMMs; inductor fuses it into one read and one write.
-    return torch.compile(quantize_rows, dynamic=True)
-
-
 class FP8Backend(Backend):
-    """Both GEMMs in float8 e4m3 through ``torch._scaled_mm`` with per-row scales (rowwise
-    scaling), bf16 output. The factors are quantized once and cached until they change.
-    Inference only: with autograd recording, the module falls back to the reference."""
+    """Both GEMMs in float8 e4m3 (see fp8_kernel.py): x and h quantized per row by a Triton
+    kernel, the factors once per row of vᵀ and of u (cached until they change), the GEMMs by
+    ``torch._scaled_mm`` with bias fused and bf16/fp16 output. Inference only: with autograd
+    recording, the module falls back to the reference."""
 
     op = OP
     name = "fp8"
@@ -100,40 +85,33 @@ class FP8Backend(Backend):
     description = "float8 e4m3 GEMMs with per-row scales (CUDA cc ≥ 8.9), inference only"
 
     def available(self):
-        return _fp8_available()
+        ok, why = _fp8_available()
+        if ok and importlib.util.find_spec("triton") is None:
+            return False, "needs triton for its quantization kernel (pip install triton)"
+        return ok, why
 
     def supports(self, x):
         if x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16):
             return False
-        return x.shape[-1] % 16 == 0
+        return x.shape[-1] % 16 == 0 and not torch.compiler.is_compiling()
 
     def __init__(self):
         self._cache: dict = {}
 
-    def _factors(self, u: Tensor, v: Tensor):
-        key = (u.data_ptr(), u._version, v.data_ptr(), v._version)
+    def factors(self, u: Tensor, v: Tensor):
+        """The quantized factors of (u, v), computed once per version of the pair."""
+        from .fp8_kernel import quantize_factors
+
+        key = (u.data_ptr(), u._version, v.data_ptr(), v._version, u.shape, v.shape)
         hit = self._cache.get(id(u))
         if hit is None or hit[0] != key:
-            # _scaled_mm wants its second operand column-major: keep vᵀ (r×n) and uᵀ... (m×r)
-            # row-major and pass their transposes.
-            vq, vs = quantize_rows(v.t().contiguous())  # (r, n), scales (r, 1)
-            uq, us = quantize_rows(u.contiguous())      # (m, r), scales (m, 1)
-            hit = self._cache[id(u)] = (key, (vq, vs.t().contiguous(), uq, us.t().contiguous()))
+            hit = self._cache[id(u)] = (key, quantize_factors(u, v))
         return hit[1]
 
     def __call__(self, x, u, v, bias):
-        vq, vs, uq, us = self._factors(u, v)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        quantize = _fused_quantize_rows()
-        xq, xs = quantize(x2)
-        h = torch._scaled_mm(xq, vq.t(), scale_a=xs, scale_b=vs, out_dtype=torch.bfloat16)
-        hq, hs = quantize(h)
-        y = torch._scaled_mm(hq, uq.t(), scale_a=hs, scale_b=us, out_dtype=torch.bfloat16,
-                             bias=None)
-        if bias is not None:
-            y = y + bias.to(y.dtype)
-        return y.to(x.dtype).reshape(*lead, -1)
+        from .fp8_kernel import fp8_lowrank
+
+        return fp8_lowrank(x, self.factors(u, v), bias)
 
 
 class SplitKBackend(Backend):
@@ -211,6 +189,24 @@ class TritonBackend(TritonKernelBackend):
         from .triton_kernel import lowrank_fused
 
         return lowrank_fused(x, u, v, bias)
+
+
+class PersistentBackend(TritonKernelBackend):
+    """Two persistent Triton GEMMs (see persistent_gemm.py): the second, with its short
+    reduction over r and its large output, overlaps storing one tile with loading the next."""
+
+    op = OP
+    name = "persistent"
+    gpu_priority = -5  # 'autotune' measures it against the others; plain 'auto' keeps torch
+    description = "two persistent Triton GEMMs (TMA on Hopper), for many rows; inference only"
+
+    def supports(self, x):
+        return super().supports(x) and x.dtype in (torch.float16, torch.bfloat16)
+
+    def __call__(self, x, u, v, bias):
+        from .persistent_gemm import lowrank_persistent
+
+        return lowrank_persistent(x, u, v, bias)
 
 
 class TritonDecodeBackend(TritonKernelBackend):

@@ -8,6 +8,7 @@ from .backends import (
     CompileBackend,
     FP8Backend,
     LowRankMeasuredBackend,
+    PersistentBackend,
     SplitKBackend,
     TensorRTBackend,
     TorchBackend,
@@ -31,6 +32,7 @@ def register_backends(register):
     register(FP8Backend())
     register(TensorRTBackend())
     register(TritonBackend())
+    register(PersistentBackend())
     register(SplitKBackend())
     register(TritonDecodeBackend())
     register(LowRankMeasuredBackend())
