@@ -1,12 +1,12 @@
 """Where the time of a low-rank prefill goes (GPU; a diagnostic beside the suite).
 
 For T = 8192 rows and each (m, r), in one process: dense bf16; the bf16 two-GEMM (cuBLAS) and
-each of its GEMMs; the ``persistent`` backend (two persistent Triton GEMMs, autotuned) and each
-of its GEMMs, also with TMA off; the fp8 paths (x quantized per row then cuBLAS fp8, or
-quantized inside a Triton first GEMM) and each piece; optionally (--compile) torch.compile
+each of its GEMMs; the fp8 path (x and h quantized per row, cuBLAS fp8 GEMMs) and each piece; optionally (--compile) torch.compile
 max-autotune of the bf16 two-GEMM. Every entry is timed twice: eagerly (CUDA events around each
 call, median) and per call inside a CUDA graph (``graph_time``: GPU time without the host's
-launch cost, which exceeds the GPU time of the small pieces). Writes JSON lines.
+launch cost, which exceeds the GPU time of the small pieces). Writes JSON lines. Commit a93398a
+also measured persistent Triton GEMMs and a Triton first GEMM quantizing x itself (both slower;
+results/lowrank_prefill_probe.md).
 
     python3 lowrank_prefill_probe.py --out $OUT/lowrank_prefill_probe [--compile]
 """
@@ -39,15 +39,14 @@ def main():
     ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
     from layerzip_lowrank.backends import lowrank_matmul_reference
-    from layerzip_lowrank.fp8_kernel import (fp8_first_gemm, fp8_lowrank,
-                                             quantize_activation_rows, quantize_factors)
-    from layerzip_lowrank.persistent_gemm import lowrank_persistent, persistent_matmul
+    from layerzip_lowrank.fp8_kernel import (fp8_lowrank, quantize_activation_rows,
+                                             quantize_factors)
 
     rows = []
     for t, n, m, r in CASES:
         x, w, u, v, b = make_case(t, n, m, r, torch.bfloat16, "cuda")
         f = quantize_factors(u, v)
-        vq, vs, uq, us = f.vq, f.vs, f.uq, f.us
+        vq, vs, uq, us = f.vq, f.vs, f.uq, f.us  # noqa: F841 (vs: read by the lambdas)
         xq_rows, xs_rows = quantize_activation_rows(x)
         h = x @ v
         hq, hs = quantize_activation_rows(h)
@@ -57,14 +56,7 @@ def main():
             "bf16_two_gemm": lambda: lowrank_matmul_reference(x, u, v, b),
             "bf16_gemm1": lambda: x @ v,
             "bf16_gemm2": lambda: F.linear(h, u, b),
-            "persistent": lambda: lowrank_persistent(x, u, v, b),
-            "persistent_gemm1": lambda: persistent_matmul(x, v, b_nk=False),
-            "persistent_gemm2": lambda: persistent_matmul(h, u, b, b_nk=True),
-            "persistent_gemm1_no_tma": lambda: persistent_matmul(x, v, b_nk=False, tma=False),
-            "persistent_gemm2_no_tma": lambda: persistent_matmul(h, u, b, b_nk=True, tma=False),
             "fp8_rows": lambda: fp8_lowrank(x, f, b),
-            "fp8_groups_in_gemm": lambda: fp8_lowrank(x, f, b, quantize_in_gemm=True),
-            "fp8_gemm1_triton_groups": lambda: fp8_first_gemm(x, vq, vs),
             "fp8_quantize_h": lambda: quantize_activation_rows(h),
             "fp8_gemm2_cublas": lambda: torch._scaled_mm(
                 hq, uq.t(), scale_a=hs, scale_b=us.view(1, -1), bias=b,
@@ -79,8 +71,6 @@ def main():
                                      dynamic=False)
             fns["bf16_compile_max_autotune"] = lambda: compiled(x, u, v, b)
         errors = {"fp8_rows": rel(fp8_lowrank(x, f, b), ref),
-                  "fp8_groups_in_gemm": rel(fp8_lowrank(x, f, b, quantize_in_gemm=True), ref),
-                  "persistent": rel(lowrank_persistent(x, u, v, b), ref),
                   "bf16_two_gemm": rel(lowrank_matmul_reference(x, u, v, b), ref)}
         with torch.no_grad():
             for name, fn in fns.items():
@@ -109,15 +99,6 @@ def main():
         f.write(json.dumps({"machine": machine_info()}) + "\n")
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    try:
-        from layerzip_lowrank.fp8_kernel import _fp8_gemm1_kernel
-        from layerzip_lowrank.persistent_gemm import _persistent_gemm_kernel
-        best = {str(k): str(v) for kern in (_fp8_gemm1_kernel, _persistent_gemm_kernel)
-                for k, v in kern.cache.items()}
-        with open(args.out + "_autotune.json", "w") as f:
-            json.dump(best, f, indent=1)
-    except Exception as exc:  # noqa: BLE001
-        print("autotune cache:", exc)
 
 
 if __name__ == "__main__":

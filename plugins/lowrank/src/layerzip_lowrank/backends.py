@@ -2,8 +2,7 @@
 
 ``torch`` is the plain reference; ``compile`` is torch.compile of it; ``fp8`` runs both GEMMs in
 float8 e4m3 with per-row scales on Hopper/Ada GPUs (fp8_kernel.py); ``tensorrt`` needs
-torch_tensorrt; ``triton`` (triton_kernel.py) fuses the two GEMMs and the bias into one kernel;
-``persistent`` (persistent_gemm.py) runs them as two persistent Triton GEMMs; ``splitk`` and
+torch_tensorrt; ``triton`` (triton_kernel.py) fuses the two GEMMs and the bias into one kernel; ``splitk`` and
 ``triton_decode`` (decode_kernel.py) are for a few rows.
 """
 
@@ -189,24 +188,6 @@ class TritonBackend(TritonKernelBackend):
         from .triton_kernel import lowrank_fused
 
         return lowrank_fused(x, u, v, bias)
-
-
-class PersistentBackend(TritonKernelBackend):
-    """Two persistent Triton GEMMs (see persistent_gemm.py): the second, with its short
-    reduction over r and its large output, overlaps storing one tile with loading the next."""
-
-    op = OP
-    name = "persistent"
-    gpu_priority = -5  # 'autotune' measures it against the others; plain 'auto' keeps torch
-    description = "two persistent Triton GEMMs (TMA on Hopper), for many rows; inference only"
-
-    def supports(self, x):
-        return super().supports(x) and x.dtype in (torch.float16, torch.bfloat16)
-
-    def __call__(self, x, u, v, bias):
-        from .persistent_gemm import lowrank_persistent
-
-        return lowrank_persistent(x, u, v, bias)
 
 
 class TritonDecodeBackend(TritonKernelBackend):

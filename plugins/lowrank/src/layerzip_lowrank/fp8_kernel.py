@@ -1,26 +1,21 @@
-"""FP8 low-rank forward for many rows (prefill): y = (x V) Uᵀ + b with both GEMMs in float8 e4m3.
+"""FP8 low-rank forward: y = (x V) Uᵀ + b with both GEMMs in float8 e4m3.
 
-Quantizing the activations in a separate pass reads x (bf16) and writes it again as fp8: at
-T = 8192, n = 4096 that pass alone costs about as much as a bf16 first GEMM. So the first GEMM
-quantizes its x tiles itself, as it loads them:
+x (bf16/fp16) is quantized per row in one Triton pass (absolute maximum of the row → scale to
+±448 → e4m3), the first GEMM is cuBLAS's fp8 GEMM with per-row scales (``torch._scaled_mm``),
+h is quantized per row the same way, and the second GEMM adds the bias in cuBLAS's epilogue.
+The factors are quantized once per row of vᵀ and of u. Measured on the H100 at T = 8192
+(benchmarks/results/lowrank_prefill_probe.md): 0.77-1.26× of the bf16 two-GEMM. Quantizing x is
+a pass over it (35.6 µs at 2.7 TB/s) that costs about what fp8 saves in the first GEMM, and
+writing y in bf16 bounds the second GEMM in both precisions. Quantizing x inside a Triton first
+GEMM instead (1 × 128 groups) measured 2-5× slower than this pass plus cuBLAS; that kernel
+lived in commit a93398a.
 
-1. ``h = x V`` (Triton, below): each program owns a BM × BN tile of h and walks the input in
-   groups of GROUP = 128 columns. Per row and group it takes the absolute maximum of the bf16
-   tile, scales the group into e4m3's range, multiplies it with the fp8 weight tile on the
-   tensor cores and adds the product, times that row's scale, into an fp32 accumulator (the
-   1 × 128 activation scaling of DeepSeek-V3; the scale is applied per group, so the tensor
-   cores' limited fp8 accumulation never spans more than 128 products). Weights are quantized
-   once per output column (a column of V). h is written in the input dtype.
-2. ``h`` is quantized per row (another small Triton kernel: T × r, in L2).
-3. ``y = h Uᵀ + b``: cuBLAS's fp8 GEMM with per-row scales (``torch._scaled_mm``), bias fused.
-
-Inference only. Tested against a float64 reference on CPU with TRITON_INTERPRET=1 (the
-interpreter emulates e4m3), and against the bf16 backends on the GPU.
+Inference only. Tested against a float64 emulation of the quantization on CPU with
+TRITON_INTERPRET=1 (the interpreter emulates e4m3; torch's CPU _scaled_mm does the GEMMs there).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -36,23 +31,7 @@ from layerzip import LaunchCache, cdiv, triton_interpreted
 from .triton_kernel import _next_pow2
 
 FP8_MAX = 448.0
-#: activation scale group along the input dimension (columns of x sharing one scale per row)
-GROUP = 128
 INTERPRET = triton_interpreted()
-
-
-def _configs():
-    if INTERPRET:
-        return [triton.Config({"BM": 16, "BN": 32, "GROUP_M": 1}, num_warps=1)]
-    if os.environ.get("LAYERZIP_TRITON_QUICK") == "1":
-        return [triton.Config({"BM": 128, "BN": 128, "GROUP_M": 8}, num_warps=8, num_stages=3)]
-    out = []
-    for bm, bn, warps, stages in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3),
-                                  (64, 256, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4),
-                                  (128, 256, 8, 2), (256, 128, 8, 3)):
-        out.append(triton.Config({"BM": bm, "BN": bn, "GROUP_M": 8},
-                                 num_warps=warps, num_stages=stages))
-    return out
 
 
 if triton is not None:
@@ -70,44 +49,6 @@ if triton is not None:
             v = bits.to(tl.float32, bitcast=True)
         return v.to(tl.float8e4nv)
 
-    @triton.autotune(configs=_configs(), key=["T_BUCKET", "N_IN", "R"])
-    @triton.jit
-    def _fp8_gemm1_kernel(
-        x_ptr, wq_ptr, ws_ptr, h_ptr,
-        T, N_IN, R, T_BUCKET,
-        sxt, sxn, swr, swn, sht, shr,
-        BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, BK: tl.constexpr,
-        ROUND_FIRST: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        # grouped order: programs running together share rows of x (read from DRAM once,
-        # then from L2 by the other column tiles)
-        n_m = tl.cdiv(T, BM)
-        n_n = tl.cdiv(R, BN)
-        per_group = GROUP_M * n_n
-        first_m = (pid // per_group) * GROUP_M
-        size_m = tl.minimum(n_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % size_m
-        pid_n = (pid % per_group) // size_m
-        rows = pid_m * BM + tl.arange(0, BM)
-        cols = pid_n * BN + tl.arange(0, BN)
-        rmask = rows < T
-        cmask = cols < R
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, N_IN, BK):
-            ks = k0 + tl.arange(0, BK)
-            kmask = ks < N_IN
-            xt = tl.load(x_ptr + rows[:, None] * sxt + ks[None, :] * sxn,
-                         mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-            amax = tl.maximum(tl.max(tl.abs(xt), axis=1), 1e-30)
-            xq = _to_e4m3(xt * (448.0 / amax)[:, None], ROUND_FIRST)
-            wt = tl.load(wq_ptr + cols[None, :] * swr + ks[:, None] * swn,
-                         mask=cmask[None, :] & kmask[:, None], other=0.0)
-            acc += tl.dot(xq, wt) * (amax * (1.0 / 448.0))[:, None]
-        acc *= tl.load(ws_ptr + cols, mask=cmask, other=0.0)[None, :]
-        tl.store(h_ptr + rows[:, None] * sht + cols[None, :] * shr,
-                 acc.to(h_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
-
     @triton.jit
     def _quantize_rows_kernel(h_ptr, q_ptr, s_ptr, T, R, sht, shr,
                               BT: tl.constexpr, RP: tl.constexpr, ROUND_FIRST: tl.constexpr):
@@ -121,7 +62,6 @@ if triton is not None:
                  _to_e4m3(h * (448.0 / amax)[:, None], ROUND_FIRST), mask=mask)
         tl.store(s_ptr + rows, amax * (1.0 / 448.0), mask=rows < T)
 
-    _GEMM1 = LaunchCache(_fp8_gemm1_kernel)
     _QUANTIZE = LaunchCache(_quantize_rows_kernel)
 
 
@@ -137,24 +77,6 @@ def quantize_weight_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 values, float32 scale per row) with w ≈ q · scale[:, None]; row-major q."""
     q, scale = quantize_rows(w)
     return q.contiguous(), scale.view(-1).contiguous()
-
-
-def fp8_first_gemm(x2: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
-    """h = x2 @ (wq · ws[:, None])ᵀ for x2 (T × n, bf16/fp16), wq (r × n, e4m3), ws (r,):
-    x2 quantized on the fly in 1 × GROUP groups. Returns h (T × r) in x2's dtype."""
-    if triton is None:
-        raise RuntimeError("triton is not installed")
-    t, n = x2.shape
-    r = wq.shape[0]
-    h = torch.empty((t, r), device=x2.device, dtype=x2.dtype)
-
-    def grid(meta):
-        return (cdiv(t, meta["BM"]) * cdiv(r, meta["BN"]),)
-
-    _GEMM1(grid, x2, wq, ws, h, t, n, r, _next_pow2(t),
-           x2.stride(0), x2.stride(1), wq.stride(0), wq.stride(1), h.stride(0), h.stride(1),
-           BK=GROUP, ROUND_FIRST=INTERPRET)
-    return h
 
 
 def quantize_activation_rows(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,21 +119,13 @@ def quantize_factors(u: torch.Tensor, v: torch.Tensor) -> FP8Factors:
     return FP8Factors(vq, vs, uq, us, m)
 
 
-def fp8_lowrank(x: torch.Tensor, f: FP8Factors, bias: torch.Tensor | None, *,
-                quantize_in_gemm: bool = False) -> torch.Tensor:
-    """y = (x @ V) @ Uᵀ + bias with U, V from :func:`quantize_factors`; x in bf16 or fp16.
-
-    ``quantize_in_gemm``: the first GEMM is the Triton kernel above, quantizing x in 1 × 128
-    groups as it loads it; otherwise x is quantized per row in one pass and both GEMMs are
-    cuBLAS's (faster on the H100 at every shape measured: benchmarks/results/lowrank_fp8.md)."""
+def fp8_lowrank(x: torch.Tensor, f: FP8Factors, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = (x @ V) @ Uᵀ + bias with U, V from :func:`quantize_factors`; x in bf16 or fp16."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if quantize_in_gemm:
-        h = fp8_first_gemm(x2, f.vq, f.vs)
-    else:
-        xq, xs = quantize_activation_rows(x2)
-        h = torch._scaled_mm(xq, f.vq.t(), scale_a=xs, scale_b=f.vs.view(1, -1),
-                             out_dtype=x.dtype, use_fast_accum=True)
+    xq, xs = quantize_activation_rows(x2)
+    h = torch._scaled_mm(xq, f.vq.t(), scale_a=xs, scale_b=f.vs.view(1, -1),
+                         out_dtype=x.dtype, use_fast_accum=True)
     hq, hs = quantize_activation_rows(h)
     m16 = f.uq.shape[0]
     if bias is not None:

@@ -8,7 +8,6 @@ from .backends import (
     CompileBackend,
     FP8Backend,
     LowRankMeasuredBackend,
-    PersistentBackend,
     SplitKBackend,
     TensorRTBackend,
     TorchBackend,
@@ -32,7 +31,6 @@ def register_backends(register):
     register(FP8Backend())
     register(TensorRTBackend())
     register(TritonBackend())
-    register(PersistentBackend())
     register(SplitKBackend())
     register(TritonDecodeBackend())
     register(LowRankMeasuredBackend())
