@@ -216,7 +216,9 @@ def plan(t: int, n: int, m: int, r: int, g: int, br: int = 0, kc: int = 0, bn: i
     br = br or _clamp_pow2(r, 16, 64)
     n_rb = cdiv(r, br)
     kc = kc or _clamp_pow2(cdiv(n * n_rb, g), 32, 512)
-    bn = bn or _clamp_pow2(cdiv(m, g), 32, 128)
+    # output tiles about 2m/G wide, so phase 2 takes about half the programs: 64 columns at
+    # m = 4096, 128 at 11008 (the fastest of both in lowrank_decode_tune.md)
+    bn = bn or _clamp_pow2(cdiv(2 * m, g), 32, 128)
     bk2 = bk2 or min(64, _clamp_pow2(r, 16, 64))
     rp = max(16, _next_pow2(r))
     if prefetch is None:
