@@ -1,5 +1,6 @@
 """MeasuredBackend: times the op's other backends once per shape key and keeps the fastest;
-calls that need gradients choose among differentiable backends only. Run on the CPU through a
+calls that need gradients choose among differentiable backends only; lossy backends and those
+named in ``skip`` are never measured (they raise if called). Run on the CPU through a
 subclass that accepts CPU inputs (the real ones measure on a GPU only)."""
 
 import time
@@ -39,6 +40,13 @@ class Skipped(Backend):
         raise AssertionError("a backend named in skip must not be measured")
 
 
+class FastLossy(Backend):
+    op, name, priority, lossy = OP, "lossy", 3, True
+
+    def __call__(self, x, w):
+        raise AssertionError("a lossy backend must not be measured: autotune keeps accuracy")
+
+
 class CpuMeasured(MeasuredBackend):
     op = OP
     skip = ("never",)
@@ -53,7 +61,7 @@ class CpuMeasured(MeasuredBackend):
 @pytest.fixture
 def measured(register_plugin):
     plugin = types.SimpleNamespace(register_backends=layerzip.hookimpl(
-        lambda register: [register(b) for b in (Slow(), FastNoGrad(), Skipped())]))
+        lambda register: [register(b) for b in (Slow(), FastNoGrad(), Skipped(), FastLossy())]))
     register_plugin(plugin, "measured-toy")
     Slow.calls = FastNoGrad.calls = 0
     return CpuMeasured()

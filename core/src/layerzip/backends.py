@@ -24,6 +24,10 @@ class Backend:
     #: False for kernels autograd cannot see through (a raw Triton/CUDA launch, fp8 casts):
     #: :meth:`accepts` then declines calls that would need gradients.
     differentiable: ClassVar[bool] = True
+    #: True for kernels whose results differ from the reference by more than rounding in the
+    #: input dtype (fp8 GEMMs: percents): chosen by name only — a :class:`MeasuredBackend`
+    #: never trades accuracy for speed on its own.
+    lossy: ClassVar[bool] = False
 
     def available(self) -> tuple[bool, str]:
         """(True, "") when usable on this machine, else (False, why — e.g. what to install)."""
@@ -117,7 +121,8 @@ class MeasuredBackend(Backend):
     :func:`layerzip.bench.graph_time`), which serves calls made while a graph is captured —
     a model step captured after an eager warm-up runs the kernel that is fastest there.
     Calls that need gradients are measured separately and choose among differentiable backends
-    only, so this backend is itself differentiable. Choices are cached in :attr:`choices` and
+    only, so this backend is itself differentiable; :attr:`Backend.lossy` backends are never
+    candidates, so its results match the reference's accuracy. Choices are cached in :attr:`choices` and
     :attr:`graph_choices`. Not available without a CUDA GPU: on a CPU there is one real kernel
     per op."""
 
@@ -148,8 +153,8 @@ class MeasuredBackend(Backend):
         from .plugins import get_registry
 
         return [b for b in get_registry().backends_for(self.op)
-                if b.name != self.name and b.name not in self.skip and b.available()[0]
-                and b.supports(x) and (b.differentiable or not grad)]
+                if b.name != self.name and b.name not in self.skip and not b.lossy
+                and b.available()[0] and b.supports(x) and (b.differentiable or not grad)]
 
     def __call__(self, x: Tensor, *args):
         grad = torch.is_grad_enabled() and (x.requires_grad or any(
@@ -169,8 +174,9 @@ class MeasuredBackend(Backend):
             timed, in_graph = [], []
             with torch.no_grad():
                 for b in self.candidates(x, grad):
-                    timed.append((time_callable(lambda b=b: b(x, *args), rounds=5,
-                                                warmup=2).median, b))
+                    # ten rounds: a median of five was moved by one host stall on the H100
+                    timed.append((time_callable(lambda b=b: b(x, *args), rounds=10,
+                                                warmup=3).median, b))
                     seconds = _graph_seconds(lambda b=b: b(x, *args))
                     if seconds is not None:
                         in_graph.append((seconds, b))

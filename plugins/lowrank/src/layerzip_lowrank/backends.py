@@ -81,6 +81,7 @@ class FP8Backend(Backend):
     name = "fp8"
     priority = 20
     differentiable = False
+    lossy = True  # ≈ 5% relative error: 'autotune' never picks it, only a name does
     description = "float8 e4m3 GEMMs with per-row scales (CUDA cc ≥ 8.9), inference only"
 
     def available(self):
