@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -33,7 +34,11 @@ INTERLEAVED = {"pdl off": {"pdl": 0}, "pdl on": {"pdl": 1}, "pdl, split": {"pdl"
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/lowrank_decode_tune")
+    ap.add_argument("--grid", type=json.loads, default=None,
+                    help='JSON replacing entries of GRID, e.g. \'{"br": [64, 128]}\'')
     args = ap.parse_args()
+    if args.grid:
+        GRID.update({k: tuple(v) for k, v in args.grid.items()})
     rows, interleaved = [], []
     g = _programs(torch.device("cuda"))
     for t, n, m, r in SHAPES:
@@ -78,7 +83,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(
-        {"command": "python benchmarks/lowrank_decode_tune.py", "gpu":
+        {"command": " ".join(["python", *sys.argv]), "gpu":
          torch.cuda.get_device_name(), "rows": rows, "interleaved": interleaved}, indent=1))
     lines = [("| shape | best tiles | best µs | speedup | default µs | default speedup | "
               "dense µs | torch two-GEMM µs |"), "|---|---|---|---|---|---|---|---|"]
