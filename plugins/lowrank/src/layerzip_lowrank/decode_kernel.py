@@ -8,7 +8,7 @@ One program per SM, two phases separated by a grid-wide barrier:
 1. split-K over the input: work units (K chunk × r block) are spread over all programs; each
    computes its partial h = x[:, chunk] V[chunk, rblock] in fp32 and adds it atomically into an
    fp32 scratch h (T × r, in L2);
-2. after the barrier, output tiles of BN columns are spread over all programs: each reads h (from
+2. after the barrier, output tiles of TW columns are spread over all programs: each reads h (from
    L2, bypassing L1) and its U tile, adds the bias and writes y once.
 
 The barrier is an arrival counter that only grows (int64): a call adds 2·G to it for G
@@ -60,7 +60,7 @@ if triton is not None:
     @triton.jit
     def _decode_kernel(
         x_ptr, v_ptr, u_ptr, b_ptr, h_ptr, y_ptr, sync_ptr,
-        T, N_IN, M_OUT, R, N_RB, N_UNITS, N_TILES, G,
+        T, N_IN, M_OUT, R, N_RB, N_UNITS, N_TILES, TW, G,
         sxt, sxn, svn, svr, sum_, sur, syt, sym,
         HAS_BIAS: tl.constexpr, PHASE: tl.constexpr, BT: tl.constexpr, KC: tl.constexpr,
         BR: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr, RP: tl.constexpr,
@@ -74,8 +74,8 @@ if triton is not None:
             # its reads overlap phase 1 and the barrier instead of following them (a program
             # without a tile masks every lane and loads nothing)
             rk = tl.arange(0, RP)
-            cols0 = pid * BN + tl.arange(0, BN)
-            cmask0 = cols0 < M_OUT
+            cols0 = pid * TW + tl.arange(0, BN)
+            cmask0 = (tl.arange(0, BN) < TW) & (cols0 < M_OUT)
             u0 = tl.load(u_ptr + cols0[None, :] * sum_ + rk[:, None] * sur,
                          mask=cmask0[None, :] & (rk[:, None] < R), other=0.0)
         if PHASE != 2:
@@ -137,8 +137,8 @@ if triton is not None:
                          acc0.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask0[None, :])
                 first = pid + G
             for tile in range(first, N_TILES, G):
-                cols = tile * BN + tl.arange(0, BN)
-                cmask = cols < M_OUT
+                cols = tile * TW + tl.arange(0, BN)
+                cmask = (tl.arange(0, BN) < TW) & (cols < M_OUT)
                 acc = tl.zeros((BT, BN), dtype=tl.float32)
                 for k0 in range(0, R, BK2):
                     ks = k0 + tl.arange(0, BK2)
@@ -206,19 +206,27 @@ def _scratch_for(device: torch.device, bt: int, rp: int, g: int, fused: bool):
 @functools.lru_cache(maxsize=1024)
 def plan(t: int, n: int, m: int, r: int, g: int, br: int = 0, kc: int = 0, bn: int = 0,
          bk2: int = 0, warps: int = 4, prefetch: int | None = None, pdl: int = 1,
-         split: int = 0) -> dict:
+         split: int = 0, tw: int = 0) -> dict:
     """Tile sizes for T = t rows: about one phase-1 unit and one phase-2 tile per program.
     Nonzero br/kc/bn/bk2 override the heuristic, prefetch/pdl the defaults
     (benchmarks/lowrank_decode_tune.py). ``split``: the two phases as two dependent launches
-    (the launch boundary replaces the grid barrier; needs pdl)."""
+    (the launch boundary replaces the grid barrier; needs pdl). ``tw``: output tiles of tw
+    columns inside blocks of the next power of two (default ⌈m / G⌉: one tile per program)."""
     # measured on the H100 (benchmarks/results/lowrank_decode_tune.md): r blocks of 64 and
     # about one phase-1 unit per program
     br = br or _clamp_pow2(r, 16, 64)
     n_rb = cdiv(r, br)
     kc = kc or _clamp_pow2(cdiv(n * n_rb, g), 32, 512)
-    # output tiles about 2m/G wide, so phase 2 takes about half the programs: 64 columns at
-    # m = 4096, 128 at 11008 (the fastest of both in lowrank_decode_tune.md)
-    bn = bn or _clamp_pow2(cdiv(2 * m, g), 32, 128)
+    # one output tile of ⌈m / G⌉ columns per program, inside a block of the next power of two
+    # (masked lanes read nothing): every SM streams an equal share of U. At 4096→11008 that is
+    # 84 columns on 132 programs instead of 128-column tiles on 86: 6.6 instead of 7.1 µs at
+    # T = 16, 5.9 instead of 6.9 at T = 1 (lowrank_decode_tune_tw.md); 4096² is unchanged.
+    # An explicit bn (tuning) gives tiles of exactly bn columns instead.
+    if bn:
+        tw = tw or bn
+    else:
+        tw = tw or max(16, cdiv(m, g))  # (at least 16: small layers get a few whole tiles)
+    bn = max(16, _next_pow2(tw))
     bk2 = bk2 or min(64, _clamp_pow2(r, 16, 64))
     rp = max(16, _next_pow2(r))
     if prefetch is None:
@@ -228,7 +236,7 @@ def plan(t: int, n: int, m: int, r: int, g: int, br: int = 0, kc: int = 0, bn: i
         prefetch = int(pdl and rp * bn <= 32768)
     return {"BT": max(16, _next_pow2(t)), "KC": kc, "BR": br, "BN": bn, "BK2": bk2,
             "RP": rp, "N_RB": n_rb, "N_UNITS": cdiv(n, kc) * n_rb,
-            "N_TILES": cdiv(m, bn), "warps": warps, "PREFETCH": bool(prefetch),
+            "N_TILES": cdiv(m, tw), "TW": tw, "warps": warps, "PREFETCH": bool(prefetch),
             "PDL": bool(pdl), "SPLIT": bool(split and pdl)}
 
 
@@ -238,7 +246,7 @@ def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
     """y = (x @ v) @ uᵀ + bias for x with at most 64 rows (over its last dimension). ``fused``
     (default: on a GPU) runs both phases in one launch with a grid barrier; otherwise two.
     ``tiles`` overrides tile sizes and options ({"br", "kc", "bn", "bk2", "warps", "prefetch",
-    "pdl", "split"}; for tuning). ``pdl``: launch as a programmatic dependent launch (compute capability
+    "pdl", "split", "tw"}; for tuning). ``pdl``: launch as a programmatic dependent launch (compute capability
     ≥ 9; ignored elsewhere and on the two-launch path)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -255,7 +263,7 @@ def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
     h, counter = _scratch_for(x.device, p["BT"], p["RP"], g, fused)
     y = torch.empty((t, m), device=x.device, dtype=x.dtype)
     args = (x2, v, u, bias if bias is not None else y, h, y, counter,
-            t, n, m, r, p["N_RB"], p["N_UNITS"], p["N_TILES"], g,
+            t, n, m, r, p["N_RB"], p["N_UNITS"], p["N_TILES"], p["TW"], g,
             x2.stride(0), x2.stride(1), v.stride(0), v.stride(1), u.stride(0), u.stride(1),
             y.stride(0), y.stride(1))
     meta = {k: p[k] for k in ("BT", "KC", "BR", "BN", "BK2", "RP")}
