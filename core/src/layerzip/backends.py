@@ -122,9 +122,9 @@ class MeasuredBackend(Backend):
     a model step captured after an eager warm-up runs the kernel that is fastest there.
     Calls that need gradients are measured separately and choose among differentiable backends
     only, so this backend is itself differentiable; :attr:`Backend.lossy` backends are never
-    candidates, so its results match the reference's accuracy. Choices are cached in :attr:`choices` and
-    :attr:`graph_choices`. Not available without a CUDA GPU: on a CPU there is one real kernel
-    per op."""
+    candidates, so its results match the reference's accuracy. Choices are cached in
+    :attr:`choices` and :attr:`graph_choices`. Not available without a CUDA GPU: on a CPU there
+    is one real kernel per op."""
 
     name: ClassVar[str] = "autotune"
     priority: ClassVar[int] = 30

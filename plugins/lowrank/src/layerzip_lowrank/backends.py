@@ -2,8 +2,8 @@
 
 ``torch`` is the plain reference; ``compile`` is torch.compile of it; ``fp8`` runs both GEMMs in
 float8 e4m3 with per-row scales on Hopper/Ada GPUs (fp8_kernel.py); ``tensorrt`` needs
-torch_tensorrt; ``triton`` (triton_kernel.py) fuses the two GEMMs and the bias into one kernel; ``splitk`` and
-``triton_decode`` (decode_kernel.py) are for a few rows.
+torch_tensorrt; ``triton`` (triton_kernel.py) fuses the two GEMMs and the bias into one kernel;
+``splitk`` and ``triton_decode`` (decode_kernel.py) are for a few rows.
 """
 
 from __future__ import annotations

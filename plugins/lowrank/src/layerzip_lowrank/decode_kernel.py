@@ -246,8 +246,8 @@ def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
     """y = (x @ v) @ uᵀ + bias for x with at most 64 rows (over its last dimension). ``fused``
     (default: on a GPU) runs both phases in one launch with a grid barrier; otherwise two.
     ``tiles`` overrides tile sizes and options ({"br", "kc", "bn", "bk2", "warps", "prefetch",
-    "pdl", "split", "tw"}; for tuning). ``pdl``: launch as a programmatic dependent launch (compute capability
-    ≥ 9; ignored elsewhere and on the two-launch path)."""
+    "pdl", "split", "tw"}; for tuning). ``pdl``: launch as a programmatic dependent launch
+    (compute capability ≥ 9; ignored elsewhere and on the two-launch path)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     lead = x.shape[:-1]

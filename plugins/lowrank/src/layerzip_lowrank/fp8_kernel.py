@@ -39,8 +39,8 @@ if triton is not None:
     @triton.jit
     def _to_e4m3(v, ROUND_FIRST: tl.constexpr):
         """fp32 → e4m3, round to nearest even. Triton's CPU interpreter (3.9) rounds without
-        carrying into the exponent (127.4 → 64 instead of 128), so there (ROUND_FIRST) the value is
-        first rounded to e4m3's three mantissa bits in integer arithmetic, which carries
+        carrying into the exponent (127.4 → 64 instead of 128), so there (ROUND_FIRST) the value
+        is first rounded to e4m3's three mantissa bits in integer arithmetic, which carries
         correctly, and its cast then only drops zero bits. The GPU converts in hardware."""
         # (448.0 in the kernels below is e4m3's largest finite value, FP8_MAX)
         if ROUND_FIRST:
@@ -66,7 +66,7 @@ if triton is not None:
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float8_e4m3fn values and float32 per-row scales (rows × 1) with t ≈ q * scale, in torch."""
+    """e4m3 values and float32 per-row scales (rows × 1) with t ≈ q * scale, in plain torch."""
     amax = t.detach().abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-30)
     scale = amax / FP8_MAX
     q = (t.detach().float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
