@@ -3,8 +3,9 @@
 For T = 8192 rows and each (m, r), in one process: dense bf16; the bf16 two-GEMM (cuBLAS) and
 each of its GEMMs; the fp8 path (x and h quantized per row, cuBLAS fp8 GEMMs) and each piece;
 optionally (--compile) torch.compile max-autotune of the bf16 two-GEMM. Every entry is timed
-twice: eagerly (CUDA events around each call, median) and per call inside a CUDA graph (``graph_time``: GPU time without the host's
-launch cost, which exceeds the GPU time of the small pieces). Writes JSON lines. Commit a93398a
+twice: eagerly (CUDA events around each call, median) and per call inside a CUDA graph
+(``graph_time``: GPU time without the host's launch cost, which exceeds the GPU time of the
+small pieces). Writes JSON lines. Commit a93398a
 also measured persistent Triton GEMMs and a Triton first GEMM quantizing x itself (both slower;
 results/lowrank_prefill_probe.md).
 
