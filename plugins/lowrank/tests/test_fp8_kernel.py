@@ -79,6 +79,19 @@ def test_backend_quantizes_the_factors_once_per_version():
     assert rel(out, exact.cpu()) < 0.1
 
 
+def test_factor_cache_follows_the_tensor_not_its_id():
+    # the cache lives as long as the layer's u: a dead u's entry goes with it, so a new tensor
+    # that gets the same id and address is quantized afresh
+    be = FP8Backend()
+    u, v = torch.randn(32, 16), torch.randn(48, 16)
+    f = be.factors(u, v)
+    assert be.factors(u, v) is f and len(be._cache) == 1
+    del u, f
+    import gc
+    gc.collect()
+    assert not be._cache
+
+
 def test_row_quantization_round_trips():
     h = torch.randn(50, 96, device=DEVICE, dtype=torch.bfloat16) * torch.logspace(
         -3, 3, 50, device=DEVICE)[:, None].to(torch.bfloat16)  # rows of very different scales

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -99,14 +100,17 @@ class FP8Backend(Backend):
         self._cache: dict = {}
 
     def factors(self, u: Tensor, v: Tensor):
-        """The quantized factors of (u, v), computed once per version of the pair."""
+        """The quantized factors of (u, v), computed once per version of the pair. Entries hold
+        a weak reference to u: a dead layer's entry is dropped, and a new tensor that reuses a
+        dead one's id and address never gets its factors."""
         from .fp8_kernel import quantize_factors
 
         key = (u.data_ptr(), u._version, v.data_ptr(), v._version, u.shape, v.shape)
         hit = self._cache.get(id(u))
-        if hit is None or hit[0] != key:
-            hit = self._cache[id(u)] = (key, quantize_factors(u, v))
-        return hit[1]
+        if hit is None or hit[0]() is not u or hit[1] != key:
+            ref = weakref.ref(u, lambda _, k=id(u), cache=self._cache: cache.pop(k, None))
+            hit = self._cache[id(u)] = (ref, key, quantize_factors(u, v))
+        return hit[2]
 
     def __call__(self, x, u, v, bias):
         from .fp8_kernel import fp8_lowrank

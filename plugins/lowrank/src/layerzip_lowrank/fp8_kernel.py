@@ -79,16 +79,17 @@ def quantize_weight_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale.view(-1).contiguous()
 
 
-def quantize_activation_rows(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 T × r contiguous, float32 T × 1 scales) with h ≈ q · scale, one pass."""
+def quantize_activation_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 rows × cols contiguous, float32 rows × 1 scales) with a ≈ q · scale, in one pass of a
+    Triton kernel (x and h of the fp8 path)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
-    t, r = h.shape
+    t, r = a.shape
     rp = max(16, _next_pow2(r))
     bt = max(1, min(64, 8192 // rp))
-    q = torch.empty((t, r), device=h.device, dtype=torch.float8_e4m3fn)
-    s = torch.empty((t, 1), device=h.device, dtype=torch.float32)
-    _QUANTIZE((cdiv(t, bt),), h, q, s, t, r, h.stride(0), h.stride(1), BT=bt, RP=rp,
+    q = torch.empty((t, r), device=a.device, dtype=torch.float8_e4m3fn)
+    s = torch.empty((t, 1), device=a.device, dtype=torch.float32)
+    _QUANTIZE((cdiv(t, bt),), a, q, s, t, r, a.stride(0), a.stride(1), BT=bt, RP=rp,
               ROUND_FIRST=INTERPRET, num_warps=4)
     return q, s
 
