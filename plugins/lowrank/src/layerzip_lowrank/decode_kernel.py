@@ -8,8 +8,9 @@ One program per SM, two phases separated by a grid-wide barrier:
 1. split-K over the input: work units (K chunk × r block) are spread over all programs; each
    computes its partial h = x[:, chunk] V[chunk, rblock] in fp32 and adds it atomically into an
    fp32 scratch h (T × r, in L2);
-2. after the barrier, output tiles of TW columns are spread over all programs: each reads h (from
-   L2, bypassing L1) and its U tile, adds the bias and writes y once.
+2. after the barrier, output tiles of TW = ⌈m / G⌉ columns (one per program, so every SM
+   streams an equal share of U) are spread over all programs: each reads h (from L2, bypassing
+   L1) and its U tile, adds the bias and writes y once.
 
 The barrier is an arrival counter that only grows (int64): a call adds 2·G to it for G
 programs (constant per device), so nothing needs resetting between calls and the kernel can be
@@ -24,10 +25,11 @@ it may start while the previous kernel on the stream still runs, reads only weig
 V tile and (``prefetch``) its first U tile — then waits for that kernel (griddepcontrol.wait:
 x may be its output, h and the counter are shared with it) and lets the next kernel start
 likewise. Only a previous kernel that allows it overlaps (ours do; torch's elementwise kernels
-do not): back to back, a layer takes 7.2 instead of 9.1 µs at 4096→11008 on the H100; after an
-elementwise op, no change (benchmarks/results/lowrank_decode_tune.md). The next kernel can only
-start once every program of this one has started, so the barrier still finds all of them
-resident.
+do not): back to back, a layer takes 7.2 instead of 9.1 µs at 4096→11008 on the H100; after
+an elementwise op, no change (benchmarks/results/history/lowrank_decode_tune_session6_pdl.md).
+Phase 2 may also run as its own dependent launch (``split``, a tuning option: measured no
+faster). The next kernel can only start once every program of this one has started, so the
+barrier still finds all of them resident.
 
 All programs must be resident at once for the barrier: G = number of SMs, one small program each.
 Triton's CPU interpreter runs programs one after another, so there (and on request) the two
@@ -212,7 +214,7 @@ def plan(t: int, n: int, m: int, r: int, g: int, br: int = 0, kc: int = 0, bn: i
     (benchmarks/lowrank_decode_tune.py). ``split``: the two phases as two dependent launches
     (the launch boundary replaces the grid barrier; needs pdl). ``tw``: output tiles of tw
     columns inside blocks of the next power of two (default ⌈m / G⌉: one tile per program)."""
-    # measured on the H100 (benchmarks/results/lowrank_decode_tune.md): r blocks of 64 and
+    # measured on the H100 (benchmarks/results/lowrank_decode_tune*.md): r blocks of 64 and
     # about one phase-1 unit per program
     br = br or _clamp_pow2(r, 16, 64)
     n_rb = cdiv(r, br)
@@ -231,8 +233,9 @@ def plan(t: int, n: int, m: int, r: int, g: int, br: int = 0, kc: int = 0, bn: i
     rp = max(16, _next_pow2(r))
     if prefetch is None:
         # with the dependent launch the prefetched U tile is read before waiting on the
-        # previous layer (0.3-1.3 µs faster on the H100); the tile sits in registers, so only
-        # up to 32k elements (r = 256 × 128 columns: 128 registers a thread at 4 warps)
+        # previous layer (0.3-1.3 µs faster on the H100: results/history/
+        # lowrank_decode_tune_session6_pdl.md); the tile sits in registers, so only up to 32k
+        # elements (r = 256 × 128 columns: 128 registers a thread at 4 warps)
         prefetch = int(pdl and rp * bn <= 32768)
     return {"BT": max(16, _next_pow2(t)), "KC": kc, "BR": br, "BN": bn, "BK2": bk2,
             "RP": rp, "N_RB": n_rb, "N_UNITS": cdiv(n, kc) * n_rb,
