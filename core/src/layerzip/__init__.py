@@ -45,6 +45,7 @@ from .spec import Rule, Spec, json_schema, validate_params
 from .triton_launch import LaunchCache, cdiv
 from .views import DenseWeightView, WeightView
 from .walker import compress
+from .weight_cache import WeightCache
 
 __all__ = [
     "Approximator", "ApproxModule", "Backend", "CheckpointError", "CompressOutcome",
@@ -55,5 +56,5 @@ __all__ = [
     "WeightView", "__version__", "cache_dir", "call_model", "cdiv", "collect_stats", "compress", "get_approximator",
     "get_backend", "get_pivot_strategy", "get_registry", "hookimpl", "json_schema", "load",
     "load_record", "plan", "read_manifest", "reset_registry", "save", "save_record",
-    "validate_params", "write_atomic",
+    "validate_params", "WeightCache", "write_atomic",
 ]

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from layerzip import Backend, MeasuredBackend, TritonKernelBackend
+from layerzip import Backend, MeasuredBackend, TritonKernelBackend, WeightCache
 
 OP = "lowrank_matmul"
 
@@ -72,6 +71,12 @@ def _fp8_available() -> tuple[bool, str]:
     return True, ""
 
 
+def _quantize_factors(u: Tensor, v: Tensor):
+    from .fp8_kernel import quantize_factors  # imports triton: only when fp8 is used
+
+    return quantize_factors(u, v)
+
+
 class FP8Backend(Backend):
     """Both GEMMs in float8 e4m3 (see fp8_kernel.py): x and h quantized per row by a Triton
     kernel, the factors once per row of vᵀ and of u (cached until they change), the GEMMs by
@@ -97,20 +102,12 @@ class FP8Backend(Backend):
         return x.shape[-1] % 16 == 0 and not torch.compiler.is_compiling()
 
     def __init__(self):
-        self._cache: dict = {}
+        # quantized once per version of (u, v); the entry goes with the layer's u
+        self._cache = WeightCache(_quantize_factors)
 
     def factors(self, u: Tensor, v: Tensor):
-        """The quantized factors of (u, v), computed once per version of the pair. Entries hold
-        a weak reference to u: a dead layer's entry is dropped, and a new tensor that reuses a
-        dead one's id and address never gets its factors."""
-        from .fp8_kernel import quantize_factors
-
-        key = (u.data_ptr(), u._version, v.data_ptr(), v._version, u.shape, v.shape)
-        hit = self._cache.get(id(u))
-        if hit is None or hit[0]() is not u or hit[1] != key:
-            ref = weakref.ref(u, lambda _, k=id(u), cache=self._cache: cache.pop(k, None))
-            hit = self._cache[id(u)] = (ref, key, quantize_factors(u, v))
-        return hit[2]
+        """The quantized factors of (u, v), computed once per version of the pair."""
+        return self._cache(u, v)
 
     def __call__(self, x, u, v, bias):
         from .fp8_kernel import fp8_lowrank
