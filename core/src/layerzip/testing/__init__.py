@@ -31,9 +31,10 @@ from ..hookspecs import hookimpl
 from ..planning import plan
 from ..plugins import get_registry
 from ..walker import compress
+from .ptx import compile_ptx
 
 __all__ = ["ApproximatorConformance", "ModelSourcePlugin", "SingleLayer", "decaying_weight", "registered_plugin",
-           "calibration_batches", "triton_test_device"]
+           "calibration_batches", "compile_ptx", "triton_test_device"]
 
 
 def triton_test_device() -> str:
