@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import layerzip
-from layerzip import Backend, MeasuredBackend, TritonKernelBackend
+from layerzip import Backend, MeasuredBackend, TritonKernelBackend, WeightCache
 
 from .method import Kronecker
 from .module import OP, add_residual_and_bias, kron_matmul_reference
@@ -21,8 +21,17 @@ class TorchKronBackend(Backend):
         return kron_matmul_reference(x, a, b, res_idx, res_val, bias)
 
 
+def _pack_entries(res_val, res_idx, *, m, n):
+    from .residual_kernel import pack_entry_residual
+
+    return pack_entry_residual(res_idx, res_val, m, n)
+
+
 class TritonKronBackend(TritonKernelBackend):
-    """The fused Triton kernel (triton_kernel.py); residual and bias added after."""
+    """The fused Triton kernel (triton_kernel.py); the residual (with the bias) by a kernel of
+    its own when no gradient is needed (residual_kernel.py for single entries, packed once
+    per version of the residual; add_block_residual_ for blocks), else in differentiable
+    torch."""
 
     op = OP
     name = "triton"
@@ -32,17 +41,26 @@ class TritonKronBackend(TritonKernelBackend):
     description = "tiled persistent Triton kernel: x read once, Σ Aₖ X Bₖᵀ as two tensor-core " \
                   "dots per token tile, y written once; differentiable (in-kernel dA, dB)"
 
+    def __init__(self):
+        self._packed = WeightCache(_pack_entries)
+
     def __call__(self, x, a, b, res_idx, res_val, bias):
+        from .residual_kernel import add_entry_residual_
         from .triton_kernel import add_block_residual_, kron_fused_autograd
 
         lead = x.shape[:-1]
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         y = kron_fused_autograd(x2, a, b)
-        if res_val is not None and res_val.dim() == 3 and not (torch.is_grad_enabled() and (
-                x.requires_grad or a.requires_grad or b.requires_grad or res_val.requires_grad)):
-            # block residual in place on the fresh y (a kernel of tensor-core dots); with
-            # gradients, the differentiable torch form below
-            y = add_block_residual_(y, x2.contiguous(), res_idx, res_val)
+        residual = res_idx is not None and res_idx.numel() > 0
+        if residual and not (torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, a, b, res_val, bias))):
+            # in place on the fresh y; with gradients, the differentiable torch form below
+            if res_val.dim() == 3:  # blocks: a kernel of tensor-core dots
+                y = add_block_residual_(y, x2.contiguous(), res_idx, res_val)
+            else:  # single entries: gathers from L1, bias fused
+                packed = self._packed(res_val, res_idx, m=y.shape[1], n=x2.shape[1])
+                y = add_entry_residual_(y, x2, packed, bias)
+                bias = None
             res_idx = res_val = None
         return add_residual_and_bias(y, x2, res_idx, res_val, bias).reshape(*lead, -1)
 

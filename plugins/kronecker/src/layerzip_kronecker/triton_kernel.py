@@ -12,9 +12,10 @@ and stores row (i, t) as the contiguous run Y_t[i, :]. Both products are plain 2
 tensor-core dots of TB·64-wide tiles (the per-token 64 × 64 × 64 dots of the first version
 could not be pipelined), the x tile loads are pipelined across the persistent loop, and x is
 read and y written exactly once. Factor sizes are padded to powers of two ≥ 16 with masks.
-The bias and a residual of single entries are added outside (same code as the reference); a
-residual of whole blocks (``residual_structure: blocks``) has its own kernel,
-:func:`add_block_residual_`, applied in place to the fresh y when no gradient is needed.
+When no gradient is needed the residual is applied in place to the fresh y by a kernel of
+its own: whole blocks (``residual_structure: blocks``) by :func:`add_block_residual_` here,
+single entries (with the bias) by residual_kernel.py; with gradients, the reference's torch
+code adds them.
 
 Backward (:func:`kron_fused_autograd`): dX = Σₖ (Aₖᵀ ⊗ Bₖᵀ) dY is the forward kernel with
 transposed factors. dAₖ and dBₖ come from one more kernel that reads each X and dY tile once

@@ -1,0 +1,211 @@
+"""The sparse residual of single entries in Triton: y[t, i] += Σ_j S[i, j] x[t, j] (+ bias).
+
+A residual kept at 1% of a 4096² layer has ~168k entries spread over every row and column:
+no tile of S is dense enough for tensor cores, so each entry is a gather of x's column j for
+every token. cuSPARSE's CSR product took 1.16 ms for that at T = 8192 on the H100, three times
+the dense layer (benchmarks/results/kronecker_residual_probe.txt).
+
+Here the gathers come from L1. A program owns a tile of BT tokens and reads xᵀ (n × T, made
+once per call), so column j of its tile is BT contiguous elements (a 16-byte vector per
+thread) and the whole tile, n · BT elements, stays in L1 while the program walks the residual
+rows; the entries themselves stream past L1 (``.cg``) so that they do not evict it.
+
+The residual is packed once per version of its tensors (:func:`pack_entry_residual`, cached
+by the backend) as a sliced ELL: rows in slices of SR; slice s stores entry k of its lane i
+at ``offsets[s] + k·SR + i``, its width (the longest lane of the slice) rounded up to the
+unroll KU, with column −1 marking padding (masked: no memory traffic). A row keeps at most
+``cap`` entries in its own slice (the cap that packs smallest): one long row — an outlier
+channel — would otherwise widen its whole slice. Its further entries go to an overflow slice
+of its own, spread over all SR lanes, whose products are summed. A program owns y for its
+tokens and adds every slice's products in place — no atomics; a barrier orders the two
+updates of a long row — and fuses the bias.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+from layerzip import LaunchCache, cdiv, triton_interpreted
+
+INTERPRET = triton_interpreted()
+QUICK = os.environ.get("LAYERZIP_TRITON_QUICK") == "1"
+SLICE_ROWS = 64   # SR: rows per slice; with BT = 16 tokens a thread of 4 warps gathers 8 of them
+UNROLL = 8        # KU: entries per row gathered together (independent loads in flight)
+
+
+@dataclass(frozen=True)
+class PackedResidual:
+    """A residual of single entries as a sliced ELL (see the module docstring)."""
+
+    cols: torch.Tensor     # (total,) int16 when n < 2¹⁵, else int32; −1: padding
+    vals: torch.Tensor     # (total,) the residual's dtype; 0 at padding
+    offsets: torch.Tensor  # (n_slices,) int64: where slice s starts
+    widths: torch.Tensor   # (n_slices,) int32: entries per lane in slice s (multiple of KU)
+    row_map: torch.Tensor  # (n_overflow,) int32: the output row of each overflow slice
+    m: int
+    n: int
+
+    @property
+    def n_slices(self) -> int:
+        return self.offsets.numel()
+
+    @property
+    def n_regular(self) -> int:
+        return self.n_slices - self.row_map.numel()
+
+
+def _round_up(v, k: int):
+    return (v + k - 1) // k * k
+
+
+def _overflow_widths(counts: torch.Tensor, cap: int) -> torch.Tensor:
+    """Width of the overflow slice of each row with more than cap entries."""
+    extra = counts[counts > cap] - cap
+    return _round_up(_round_up(extra, SLICE_ROWS) // SLICE_ROWS, UNROLL)
+
+
+def _best_cap(counts: torch.Tensor) -> int:
+    """Entries a row keeps in its own slice: the cap that packs into the fewest slots. One
+    long row would otherwise widen its whole slice."""
+    slice_max = counts.view(-1, SLICE_ROWS).amax(1)
+    top = max(UNROLL, _round_up(int(slice_max.max()), UNROLL))
+    sizes = {cap: int(_round_up(slice_max.clamp(max=cap), UNROLL).sum() +
+                      _overflow_widths(counts, cap).sum())
+             for cap in range(UNROLL, top + 1, UNROLL)}
+    return min(sizes, key=lambda cap: (sizes[cap], -cap))
+
+
+def pack_entry_residual(res_idx: torch.Tensor, res_val: torch.Tensor, m: int,
+                        n: int) -> PackedResidual:
+    """Pack the residual given as sorted flat indices i·n + j (int32/int64) and values."""
+    device = res_idx.device
+    idx = res_idx.long()
+    rows, cols = idx // n, idx % n
+    n_reg = cdiv(m, SLICE_ROWS)
+    counts = torch.bincount(rows, minlength=n_reg * SLICE_ROWS).cpu()
+    cap = _best_cap(counts)
+    # each entry's rank in its row (the indices are sorted, so a row is a run): the first
+    # cap go to lane i % SR of the row's slice, position rank; the rest to the row's
+    # overflow slice, lane (rank − cap) % SR, position (rank − cap) // SR
+    rank = torch.arange(idx.numel(), device=device) - (torch.cumsum(counts, 0) - counts
+                                                        ).to(device)[rows]
+    over = rank >= cap
+    heavy = counts > cap
+    overflow_slice = (torch.cumsum(heavy, 0) - 1 + n_reg).to(device)
+    slice_of = torch.where(over, overflow_slice[rows], rows // SLICE_ROWS)
+    lane = torch.where(over, (rank - cap) % SLICE_ROWS, rows % SLICE_ROWS)
+    pos = torch.where(over, (rank - cap) // SLICE_ROWS, rank)
+    widths = torch.cat([_round_up(counts.view(-1, SLICE_ROWS).amax(1).clamp(max=cap), UNROLL),
+                        _overflow_widths(counts, cap)]).to(device)
+    sizes = widths * SLICE_ROWS
+    offsets = torch.cumsum(sizes, 0) - sizes
+    slot = offsets[slice_of] + pos * SLICE_ROWS + lane
+    total = int(sizes.sum())
+    col_dtype = torch.int16 if n < 2 ** 15 else torch.int32
+    packed_cols = torch.full((total,), -1, dtype=col_dtype, device=device)
+    packed_cols[slot] = cols.to(col_dtype)
+    packed_vals = torch.zeros(total, dtype=res_val.dtype, device=device)
+    packed_vals[slot] = res_val.detach()
+    row_map = torch.nonzero(heavy).flatten().to(device, torch.int32)
+    return PackedResidual(packed_cols, packed_vals, offsets, widths.to(torch.int32), row_map,
+                          m, n)
+
+
+if triton is not None:
+
+    def _configs():
+        if INTERPRET:
+            return [triton.Config({"BT": 16}, num_warps=1)]
+        # BT · SR = 256 · warps: each thread gathers 16 bytes (8 tokens) of a column per load
+        # (tests/test_residual_kernel.py reads that off the PTX); (16, 2): two such loads
+        return [triton.Config({"BT": bt}, num_warps=w)
+                for bt, w in ((16, 4), (32, 8), (8, 2), (16, 2))][:2 if QUICK else None]
+
+    @triton.jit
+    def _slice_products(x_tile, cols_ptr, vals_ptr, off_ptr, width_ptr, s, ri, tok, T,
+                        SR: tl.constexpr, KU: tl.constexpr, BT: tl.constexpr):
+        """(SR, BT): lane i's entries of slice s times the token tile's columns of x."""
+        off = tl.load(off_ptr + s)
+        width = tl.load(width_ptr + s)
+        acc = tl.zeros((SR, BT), dtype=tl.float32)
+        for k0 in range(0, width, KU):
+            for j in tl.static_range(KU):
+                e = off + (k0 + j) * SR + ri
+                # the entries stream past L1 (.cg) so as not to evict the xᵀ tile
+                c = tl.load(cols_ptr + e, cache_modifier=".cg").to(tl.int64)
+                v = tl.load(vals_ptr + e, cache_modifier=".cg")
+                xg = tl.load(x_tile[None, :] + c[:, None] * T,
+                             mask=(c[:, None] >= 0) & tok[None, :], other=0.0)
+                acc += v.to(tl.float32)[:, None] * xg.to(tl.float32)
+        return acc
+
+    @triton.jit
+    def _add_to_y(y_ptr, acc, rows, tokens, tok, M):
+        yp = y_ptr + tokens[None, :].to(tl.int64) * M + rows[:, None]
+        ym = (rows[:, None] < M) & tok[None, :]
+        # .cg: y passes once through this SM; L1 keeps the xᵀ tile
+        out = tl.load(yp, mask=ym, other=0.0, cache_modifier=".cg").to(tl.float32) + acc
+        tl.store(yp, out.to(y_ptr.dtype.element_ty), mask=ym)
+
+    # y is updated in place: the autotuner must restore it after each timed run
+    @triton.autotune(configs=_configs(), key=["T_BUCKET", "M", "N"], restore_value=["y_ptr"])
+    @triton.jit
+    def _entry_residual(xt_ptr, cols_ptr, vals_ptr, off_ptr, width_ptr, map_ptr, b_ptr, y_ptr,
+                        T, T_BUCKET, M, N, N_SLICES, N_REGULAR, HAS_BIAS: tl.constexpr,
+                        SR: tl.constexpr, KU: tl.constexpr, BT: tl.constexpr):
+        """y[t0:t0+BT, :] += S xᵀ[:, t0:t0+BT] (+ bias): the regular slices (rows s·SR…),
+        then one overflow slice per long row. This program owns its tokens' y; a barrier
+        orders the two read-modify-writes of a long row."""
+        t0 = tl.program_id(0) * BT
+        rt = tl.arange(0, BT)
+        ri = tl.arange(0, SR)
+        tok = (t0 + rt) < T
+        x_tile = xt_ptr + t0 + rt  # column j of the tile: x_tile + j·T, BT contiguous
+        for s in range(0, N_REGULAR):
+            rows = s * SR + ri
+            acc = _slice_products(x_tile, cols_ptr, vals_ptr, off_ptr, width_ptr, s, ri, tok, T,
+                                  SR, KU, BT)
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rows, mask=rows < M, other=0.0).to(tl.float32)[:, None]
+                _add_to_y(y_ptr, acc, rows, t0 + rt, tok, M)
+            else:
+                if tl.load(width_ptr + s) > 0:  # a slice without entries leaves y alone
+                    _add_to_y(y_ptr, acc, rows, t0 + rt, tok, M)
+        tl.debug_barrier()  # the regular slices' writes to y are done before any row's overflow
+        for s in range(N_REGULAR, N_SLICES):
+            # all lanes belong to one row: their products add up
+            row = tl.load(map_ptr + s - N_REGULAR)
+            acc = _slice_products(x_tile, cols_ptr, vals_ptr, off_ptr, width_ptr, s, ri, tok, T,
+                                  SR, KU, BT)
+            yp = y_ptr + (t0 + rt).to(tl.int64) * M + row
+            out = tl.load(yp, mask=tok, other=0.0, cache_modifier=".cg").to(tl.float32)
+            tl.store(yp, (out + tl.sum(acc, axis=0)).to(y_ptr.dtype.element_ty), mask=tok)
+
+    _ENTRIES = LaunchCache(_entry_residual)
+
+
+def add_entry_residual_(y: torch.Tensor, x2: torch.Tensor, packed: PackedResidual,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """In place: y (T, m) += S x2 (T, n) (+ bias), S packed by :func:`pack_entry_residual`.
+    No autograd."""
+    t, n = x2.shape
+    if (n, y.shape[1]) != (packed.n, packed.m) or y.shape[0] != t:
+        raise ValueError(f"a residual of shape ({packed.m}, {packed.n}) cannot map x "
+                         f"{tuple(x2.shape)} to y {tuple(y.shape)}")
+    if not t:
+        return y
+    xt = x2.t().contiguous()  # column j of a token tile becomes contiguous
+    _ENTRIES(lambda meta: (cdiv(t, meta["BT"]),), xt, packed.cols, packed.vals,
+             packed.offsets, packed.widths, packed.row_map, bias if bias is not None else y, y,
+             t, 1 << max(0, (t - 1).bit_length()), packed.m, n, packed.n_slices,
+             packed.n_regular, HAS_BIAS=bias is not None, SR=SLICE_ROWS, KU=UNROLL)
+    return y

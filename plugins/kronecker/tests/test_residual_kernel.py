@@ -1,0 +1,128 @@
+"""The sparse-residual gather kernel against the torch CSR form (CPU: interpreter)."""
+
+import pytest
+import torch
+
+from layerzip_kronecker.module import add_residual_and_bias
+from layerzip_kronecker.residual_kernel import (
+    SLICE_ROWS, UNROLL, add_entry_residual_, pack_entry_residual)
+from layerzip.testing import triton_test_device
+
+DEVICE = triton_test_device()
+
+
+def residual(m, n, nnz, seed, dtype=torch.float32, skew=False):
+    g = torch.Generator().manual_seed(seed)
+    if skew:  # most entries in a few rows, as around outlier channels of real weights
+        rows = torch.cat([torch.randint(0, 3, (nnz // 2,), generator=g),
+                          torch.randint(0, m, (nnz - nnz // 2,), generator=g)])
+        flat = (rows * n + torch.randint(0, n, (nnz,), generator=g)).unique()
+    else:
+        flat = torch.randperm(m * n, generator=g)[:nnz].sort().values
+    return flat.to(DEVICE, torch.int32), torch.randn(flat.numel(), generator=g).to(DEVICE, dtype)
+
+
+def unpack(p):
+    """The dense (m, n) matrix a packed residual holds, lane by lane."""
+    dense = torch.zeros(p.m, p.n, dtype=torch.float64)
+    row_map = p.row_map.long().cpu()
+    for s in range(p.n_slices):
+        w, off = int(p.widths[s]), int(p.offsets[s])
+        cols = p.cols[off:off + w * SLICE_ROWS].view(w, SLICE_ROWS).long().cpu()
+        vals = p.vals[off:off + w * SLICE_ROWS].view(w, SLICE_ROWS).double().cpu()
+        # a regular slice holds rows s·SR…; an overflow slice one row in all its lanes
+        rows = (torch.arange(SLICE_ROWS) + s * SLICE_ROWS if s < p.n_regular else
+                row_map[s - p.n_regular].expand(SLICE_ROWS))
+        for i in range(SLICE_ROWS):
+            keep = cols[:, i] >= 0
+            assert bool((vals[~keep, i] == 0).all())  # padding carries nothing
+            if keep.any():
+                assert 0 <= rows[i] < p.m
+                dense[rows[i], cols[keep, i]] += vals[keep, i]
+    return dense
+
+
+@pytest.mark.parametrize("skew", [False, True])
+def test_packing_puts_every_entry_in_one_slot(skew):
+    m, n = 150, 400 if skew else 70  # three regular slices, the last one partial
+    idx, val = residual(m, n, 900, seed=1, skew=skew)
+    p = pack_entry_residual(idx, val, m, n)
+    assert p.n_regular == 3 and p.cols.dtype == torch.int16
+    assert bool((p.widths % UNROLL == 0).all())
+    want = torch.zeros(m * n, dtype=torch.float64)
+    want[idx.long().cpu()] = val.double().cpu()
+    torch.testing.assert_close(unpack(p), want.view(m, n))
+    if skew:  # three rows hold ~450 entries: overflow slices keep the other slices narrow
+        longest = int(torch.bincount(idx.long().cpu() // n).max())
+        assert p.n_slices > p.n_regular
+        assert p.cols.numel() < 0.25 * longest * SLICE_ROWS * p.n_regular
+
+
+@pytest.mark.parametrize("t,m,n,nnz,bias,skew", [
+    (37, 150, 70, 900, True, False),   # token tail, partial last slice, bias fused
+    (16, 64, 4096, 2000, False, True),  # long rows, skewed counts; int16 columns up to 4095
+    (5, 200, 40, 0, True, False),      # no entries: only the bias
+    (9, 130, 30, 20, False, False),    # most slices empty: y untouched there
+    (20, 150, 70, 900, True, True),    # overflow slices: rows updated from several slices
+])
+def test_matches_the_torch_form(t, m, n, nnz, bias, skew):
+    idx, val = residual(m, n, nnz, seed=t + nnz, skew=skew)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(t, n, generator=g).to(DEVICE)
+    y0 = torch.randn(t, m, generator=g).to(DEVICE)
+    b = torch.randn(m, generator=g).to(DEVICE) if bias else None
+    want = add_residual_and_bias(y0.double(), x.double(), idx, val.double(),
+                                 None if b is None else b.double())
+    y = y0.clone()
+    out = add_entry_residual_(y, x, pack_entry_residual(idx, val, m, n), b)
+    assert out is y  # in place
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_half_precision():
+    m, n, t = 96, 128, 20
+    idx, val = residual(m, n, 600, seed=3, dtype=torch.float16)
+    x = torch.randn(t, n).to(DEVICE, torch.float16)
+    y0 = torch.randn(t, m).to(DEVICE, torch.float16)
+    want = add_residual_and_bias(y0.double(), x.double(), idx, val.double(), None)
+    out = add_entry_residual_(y0.clone(), x, pack_entry_residual(idx, val, m, n))
+    assert out.dtype == torch.float16
+    assert float((out.double() - want).norm() / want.norm()) < 2e-3
+
+
+def test_wide_inputs_use_int32_columns():
+    idx = torch.tensor([5, 40_000, 2 * 40_000 + 39_999], dtype=torch.int64)
+    p = pack_entry_residual(idx, torch.ones(3), 3, 40_000)
+    assert p.cols.dtype == torch.int32 and set(p.cols.tolist()) == {-1, 5, 0, 39_999}
+
+
+def test_shape_mismatch_is_named():
+    idx, val = residual(64, 32, 10, seed=0)
+    p = pack_entry_residual(idx, val, 64, 32)
+    with pytest.raises(ValueError, match=r"residual of shape \(64, 32\)"):
+        add_entry_residual_(torch.zeros(4, 64, device=DEVICE), torch.zeros(4, 31, device=DEVICE), p)
+
+
+SIGNATURE = {"xt_ptr": "*bf16", "cols_ptr": "*i16", "vals_ptr": "*bf16", "off_ptr": "*i64",
+             "width_ptr": "*i32", "map_ptr": "*i32", "b_ptr": "*bf16", "y_ptr": "*bf16",
+             "T": "i32", "T_BUCKET": "i32", "M": "i32", "N": "i32", "N_SLICES": "i32",
+             "N_REGULAR": "i32", "HAS_BIAS": "constexpr", "SR": "constexpr", "KU": "constexpr",
+             "BT": "constexpr"}
+
+
+@pytest.mark.parametrize("has_bias,bt,warps", [(True, 16, 4), (False, 32, 8), (False, 8, 2)])
+def test_compiles_for_hopper_with_vector_gathers(has_bias, bt, warps):
+    # what the interpreter cannot show: the kernel compiles for sm_90, each thread gathers a
+    # column's 8 tokens as one 16-byte load, the entries bypass L1 (.cg, so the xᵀ tile
+    # stays there), and nothing spills to local memory
+    pytest.importorskip("triton")
+    from layerzip.testing import compile_ptx
+
+    ptx = compile_ptx("layerzip_kronecker.residual_kernel", "_entry_residual", SIGNATURE,
+                      {"HAS_BIAS": has_bias, "SR": SLICE_ROWS, "KU": UNROLL, "BT": bt},
+                      num_warps=warps, divisible=("xt_ptr", "cols_ptr", "vals_ptr", "off_ptr",
+                                                  "width_ptr", "map_ptr", "b_ptr", "y_ptr", "T"))
+    gathers = ptx.count("ld.global.v4.b32")
+    assert gathers >= UNROLL, f"{gathers} 16-byte loads: the gathers are not vectorized"
+    assert "ld.global.cg.b16" in ptx or "ld.global.cg.u16" in ptx  # columns past L1
+    assert ".local" not in ptx
