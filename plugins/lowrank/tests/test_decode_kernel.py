@@ -48,14 +48,17 @@ def test_matches_reference(fused, dtype, t, n, m, r, bias):
 
 @pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("bn", [16, 32])
+@pytest.mark.parametrize("vfirst", [0, 1])
 @pytest.mark.parametrize("t,n,m,r,bias", [
     (3, 96, 80, 24, True),     # r not a power of two: U's rows beyond r are masked
     (16, 256, 200, 64, False),  # more output tiles than programs: some take a second tile
 ])
-def test_prefetched_first_tile_matches_reference(fused, bn, t, n, m, r, bias):
-    # the first output tile of U is loaded before phase 1; later tiles the ordinary way
+def test_prefetched_first_tile_matches_reference(fused, bn, vfirst, t, n, m, r, bias):
+    # the first output tile of U is loaded before phase 1 (on the fused dependent launch,
+    # with vfirst, after the first V tile); later tiles the ordinary way
     x, u, v, b = case(t, n, m, r, torch.float16, bias, seed=t + m)
-    out = lowrank_decode(x, u, v, b, fused=fused, tiles={"prefetch": 1, "bn": bn})
+    out = lowrank_decode(x, u, v, b, fused=fused,
+                         tiles={"prefetch": 1, "bn": bn, "vfirst": vfirst})
     assert rel_error(out, x, u, v, b) < 1e-2
 
 
@@ -116,20 +119,22 @@ def test_fused_kernel_replays_from_a_cuda_graph():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="programmatic dependent launch: a GPU (sm_90) feature")
-@pytest.mark.parametrize("split", [0, 1], ids=["one_launch", "split_launches"])
+@pytest.mark.parametrize("mode", [{"split": 0}, {"split": 0, "vfirst": 1}, {"split": 1}],
+                         ids=["one_launch", "one_launch_v_first", "split_launches"])
 @pytest.mark.parametrize("graphed", [False, True])
-def test_dependent_launches_wait_for_the_layer_before(graphed, split):
+def test_dependent_launches_wait_for_the_layer_before(graphed, mode):
     # a chain of layers, each launched while the previous may still run (pdl): every layer
     # reads the previous one's output and shares its scratch, so a missing wait shows as wrong
     # numbers; eager and replayed from a CUDA graph. With split, phase 2 is its own dependent
-    # launch that must wait for phase 1 (h) and leave h zeroed for the next layer.
+    # launch that must wait for phase 1 (h) and leave h zeroed for the next layer. With
+    # vfirst, the prefetched U tile is read after the first V tile, still before the wait.
     n, r, depth = 512, 64, 6
     x = torch.randn(16, n, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
     layers = [case(16, n, n, r, torch.bfloat16, seed=i)[1:] for i in range(depth)]
 
     def chain(inp):
         for u, v, b in layers:
-            inp = lowrank_decode(inp, u, v, b, tiles={"pdl": 1, "split": split})
+            inp = lowrank_decode(inp, u, v, b, tiles={"pdl": 1, **mode})
         return inp
 
     ref = x.double()
@@ -151,3 +156,41 @@ def test_dependent_launches_wait_for_the_layer_before(graphed, split):
     err = float((out.double() - ref).norm() / ref.norm())
     assert err < 3e-2
 
+
+
+DECODE_SIGNATURE = {
+    **{p: "*bf16" for p in ("x_ptr", "v_ptr", "u_ptr", "b_ptr")}, "h_ptr": "*fp32",
+    "y_ptr": "*bf16", "sync_ptr": "*i64",
+    **{p: "i32" for p in ("T", "N_IN", "M_OUT", "R", "N_RB", "N_UNITS", "N_TILES", "TW", "G",
+                          "sxt", "svn", "sum_", "syt")},
+    # unit strides: the launcher specializes an integer argument equal to 1 as a constant
+    **{p: "constexpr" for p in ("sxn", "svr", "sur", "sym", "HAS_BIAS", "PHASE", "BT", "KC",
+                                "BR", "BN", "BK2", "RP", "PREFETCH", "PDL", "ZERO_H",
+                                "VFIRST")}}
+
+
+@pytest.mark.parametrize("vfirst", [False, True])
+def test_fused_dependent_launch_compiles_for_hopper(vfirst):
+    # the fused kernel only runs on a GPU: compile it for sm_90 here (the tiles of
+    # 4096→11008, r = 256, T = 16). Both weight tiles are read before the kernel waits on the
+    # one before it — in either order — and nothing spills.
+    pytest.importorskip("triton")
+    from layerzip.testing import compile_ptx
+
+    from layerzip_lowrank.decode_kernel import plan
+
+    p = plan(16, 4096, 11008, 256, 132, vfirst=int(vfirst))
+    assert p["VFIRST"] is vfirst and p["PREFETCH"]
+    ptx = compile_ptx("layerzip_lowrank.decode_kernel", "_decode_kernel", DECODE_SIGNATURE,
+                      {"HAS_BIAS": True, "PHASE": 0, "PDL": True, "ZERO_H": True, "sxn": 1,
+                       "svr": 1, "sur": 1, "sym": 1,
+                       **{k: p[k] for k in ("BT", "KC", "BR", "BN", "BK2", "RP", "PREFETCH",
+                                            "VFIRST")}},
+                      num_warps=p["warps"],
+                      # what the launcher marks as multiples of 16 at this shape
+                      divisible=("x_ptr", "v_ptr", "u_ptr", "b_ptr", "h_ptr", "y_ptr", "T",
+                                 "N_IN", "M_OUT", "R", "N_UNITS", "sxt", "svn", "sum_", "syt"))
+    before_wait = ptx[:ptx.index("griddepcontrol.wait")]
+    weight_loads = before_wait.count("ld.global")
+    assert weight_loads >= 2, "the weight tiles are not read before the wait"
+    assert ".local" not in ptx
