@@ -2,7 +2,8 @@
 cuSPARSE CSR (the torch path) and the dense layer, at T = 8192 on a 4096² layer. Each way
 is checked against float64 and timed per call from a CUDA graph (layerzip.bench).
 
-Rows: the whole kernel call (xᵀ made inside), the kernel given xᵀ, the transpose alone,
+Rows: the whole kernel call (xᵀ made inside), the persistent variant (each program transposes
+its own token tiles), the kernel given xᵀ, the transpose alone,
 a grid of tile configurations (wider than the autotuner's), and the torch CSR path; for 1% of entries spread
 uniformly and for a skewed pattern (half of them in 1% of the rows, as around outlier
 channels).
@@ -25,6 +26,7 @@ from layerzip_kronecker.residual_kernel import (
     SLICE_ROWS,
     UNROLL,
     _entry_residual,
+    _entry_residual_persistent,
     add_entry_residual_,
     pack_entry_residual,
 )
@@ -73,6 +75,12 @@ def main() -> None:
                 "best_config": str(_entry_residual.best_config)}
         rows.append({"case": f"{name}: gather kernel, xᵀ made inside",
                      "ms": gpu_ms(lambda: add_entry_residual_(y, x, packed)), **meta})
+        yp = y0.clone()
+        add_entry_residual_(yp, x, packed, persistent=True)  # checked before timing adds more
+        err = float((yp.double() - want).norm() / (want - y0.double()).norm())
+        rows.append({"case": f"{name}: persistent gather kernel, transposing its own tiles",
+                     "ms": gpu_ms(lambda: add_entry_residual_(yp, x, packed, persistent=True)),
+                     "rel_error": err, "best_config": str(_entry_residual_persistent.best_config)})
         xt = x.t().contiguous()
         for bt, warps in GRID:
             def call(bt=bt, warps=warps):

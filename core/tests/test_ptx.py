@@ -42,3 +42,8 @@ def test_ptx_shows_what_the_launcher_specializes(kernels):
 def test_a_kernel_that_does_not_compile_is_named(kernels):
     with pytest.raises(AssertionError, match="ptx_kernels.broken does not compile for sm_90"):
         compile_ptx(kernels, "broken", {"x_ptr": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 16})
+
+
+def test_a_signature_that_misses_a_parameter_is_named(kernels):
+    with pytest.raises(AssertionError, match="the kernel takes"):
+        compile_ptx(kernels, "copy", {"x_ptr": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 16})

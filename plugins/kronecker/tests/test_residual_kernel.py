@@ -5,7 +5,7 @@ import torch
 
 from layerzip_kronecker.module import add_residual_and_bias
 from layerzip_kronecker.residual_kernel import (
-    SLICE_ROWS, UNROLL, add_entry_residual_, pack_entry_residual)
+    SLICE_ROWS, TRANSPOSE_COLUMNS, UNROLL, add_entry_residual_, pack_entry_residual)
 from layerzip.testing import triton_test_device
 
 DEVICE = triton_test_device()
@@ -64,8 +64,10 @@ def test_packing_puts_every_entry_in_one_slot(skew):
     (5, 200, 40, 0, True, False),      # no entries: only the bias
     (9, 130, 30, 20, False, False),    # most slices empty: y untouched there
     (20, 150, 70, 900, True, True),    # overflow slices: rows updated from several slices
+    (70, 150, 300, 2000, True, True),  # 5 token tiles over 3 persistent programs
 ])
-def test_matches_the_torch_form(t, m, n, nnz, bias, skew):
+@pytest.mark.parametrize("persistent", [False, True], ids=["x_transposed", "persistent"])
+def test_matches_the_torch_form(t, m, n, nnz, bias, skew, persistent):
     idx, val = residual(m, n, nnz, seed=t + nnz, skew=skew)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(t, n, generator=g).to(DEVICE)
@@ -74,18 +76,21 @@ def test_matches_the_torch_form(t, m, n, nnz, bias, skew):
     want = add_residual_and_bias(y0.double(), x.double(), idx, val.double(),
                                  None if b is None else b.double())
     y = y0.clone()
-    out = add_entry_residual_(y, x, pack_entry_residual(idx, val, m, n), b)
+    out = add_entry_residual_(y, x, pack_entry_residual(idx, val, m, n), b,
+                              persistent=persistent)
     assert out is y  # in place
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_half_precision():
+@pytest.mark.parametrize("persistent", [False, True], ids=["x_transposed", "persistent"])
+def test_half_precision_and_strided_rows(persistent):
     m, n, t = 96, 128, 20
     idx, val = residual(m, n, 600, seed=3, dtype=torch.float16)
-    x = torch.randn(t, n).to(DEVICE, torch.float16)
+    x = torch.randn(t, n + 24).to(DEVICE, torch.float16)[:, :n]  # rows n + 24 apart
     y0 = torch.randn(t, m).to(DEVICE, torch.float16)
     want = add_residual_and_bias(y0.double(), x.double(), idx, val.double(), None)
-    out = add_entry_residual_(y0.clone(), x, pack_entry_residual(idx, val, m, n))
+    out = add_entry_residual_(y0.clone(), x, pack_entry_residual(idx, val, m, n),
+                              persistent=persistent)
     assert out.dtype == torch.float16
     assert float((out.double() - want).norm() / want.norm()) < 2e-3
 
@@ -108,21 +113,33 @@ SIGNATURE = {"xt_ptr": "*bf16", "cols_ptr": "*i16", "vals_ptr": "*bf16", "off_pt
              "T": "i32", "T_BUCKET": "i32", "M": "i32", "N": "i32", "N_SLICES": "i32",
              "N_REGULAR": "i32", "HAS_BIAS": "constexpr", "SR": "constexpr", "KU": "constexpr",
              "BT": "constexpr"}
+PERSISTENT_SIGNATURE = {"x_ptr": "*bf16", "scratch_ptr": "*bf16",
+                        **{k: v for k, v in SIGNATURE.items() if k != "xt_ptr"},
+                        "sxt": "i32", "NC": "constexpr"}
 
 
+@pytest.mark.parametrize("persistent", [False, True], ids=["x_transposed", "persistent"])
 @pytest.mark.parametrize("has_bias,bt,warps", [(True, 16, 4), (False, 32, 8), (False, 8, 2)])
-def test_compiles_for_hopper_with_vector_gathers(has_bias, bt, warps):
+def test_compiles_for_hopper_with_vector_gathers(has_bias, bt, warps, persistent):
     # what the interpreter cannot show: the kernel compiles for sm_90, each thread gathers a
     # column's 8 tokens as one 16-byte load, the entries bypass L1 (.cg, so the xᵀ tile
-    # stays there), and nothing spills to local memory
+    # stays there), nothing spills to local memory, and the persistent kernel's transposed
+    # tile is written to its scratch in 16-byte stores (through shared memory)
     pytest.importorskip("triton")
     from layerzip.testing import compile_ptx
 
-    ptx = compile_ptx("layerzip_kronecker.residual_kernel", "_entry_residual", SIGNATURE,
-                      {"HAS_BIAS": has_bias, "SR": SLICE_ROWS, "KU": UNROLL, "BT": bt},
-                      num_warps=warps, divisible=("xt_ptr", "cols_ptr", "vals_ptr", "off_ptr",
-                                                  "width_ptr", "map_ptr", "b_ptr", "y_ptr", "T"))
+    sig = PERSISTENT_SIGNATURE if persistent else SIGNATURE
+    consts = {"HAS_BIAS": has_bias, "SR": SLICE_ROWS, "KU": UNROLL, "BT": bt}
+    if persistent:
+        consts["NC"] = TRANSPOSE_COLUMNS
+    ptx = compile_ptx("layerzip_kronecker.residual_kernel",
+                      "_entry_residual_persistent" if persistent else "_entry_residual", sig,
+                      consts, num_warps=warps,
+                      divisible=[k for k, v in sig.items() if v.startswith("*")]
+                      + ["T", "M", "N"] + (["sxt"] if persistent else []))
     gathers = ptx.count("ld.global.v4.b32")
     assert gathers >= UNROLL, f"{gathers} 16-byte loads: the gathers are not vectorized"
-    assert "ld.global.cg.b16" in ptx or "ld.global.cg.u16" in ptx  # columns past L1
+    assert "ld.global.cg.b16" in ptx  # the packed columns and values, past L1
     assert ".local" not in ptx
+    if persistent:
+        assert "st.global.v4.b32" in ptx

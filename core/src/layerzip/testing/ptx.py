@@ -22,9 +22,12 @@ _SCRIPT = textwrap.dedent("""
     fn = getattr(importlib.import_module(spec["module"]), spec["kernel"])
     while not isinstance(fn, JITFunction):  # an autotuned kernel: the jit function under it
         fn = fn.fn
-    names = list(spec["signature"])
+    names = fn.arg_names
+    if sorted(names) != sorted(spec["signature"]):
+        sys.exit(f"signature names {sorted(spec['signature'])}, the kernel takes {names}")
+    signature = {n: spec["signature"][n] for n in names}  # in the kernel's order
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in spec["divisible"]}
-    src = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"],
+    src = ASTSource(fn=fn, signature=signature, constexprs=spec["constexprs"],
                     attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", spec["capability"], 32),
                        options={"num_warps": spec["num_warps"]})
@@ -36,8 +39,8 @@ def compile_ptx(module: str, kernel: str, signature: dict[str, str], constexprs:
                 *, num_warps: int = 4, divisible: tuple[str, ...] = (),
                 capability: int = 90) -> str:
     """PTX of ``module.kernel`` compiled for compute capability ``capability`` (no GPU needed;
-    Triton's own ptxas assembles it). ``signature`` maps every parameter to its Triton type
-    ("*bf16", "i32", … or "constexpr"), ``constexprs`` gives the constexpr values, and
+    Triton's own ptxas assembles it). ``signature`` maps every parameter (in any order) to its
+    Triton type ("*bf16", "i32", … or "constexpr"), ``constexprs`` gives the constexpr values, and
     ``divisible`` names the parameters to treat as multiples of 16 (pointers and sizes, as
     Triton's launcher specializes them). Raises AssertionError with the compiler's message
     when the kernel does not compile."""

@@ -19,10 +19,16 @@ channel — would otherwise widen its whole slice. Its further entries go to an 
 of its own, spread over all SR lanes, whose products are summed. A program owns y for its
 tokens and adds every slice's products in place — no atomics; a barrier orders the two
 updates of a long row — and fuses the bias.
+
+xᵀ costs a pass over x (read and write: ≈ 45 µs at T = 8192, n = 4096 on the H100). The
+persistent variant (``persistent=True``) instead has one program per SM transpose each of
+its token tiles into its own scratch, which stays in L2; which is faster is for the GPU to
+say (benchmarks/kronecker_entry_residual.py).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -40,6 +46,7 @@ INTERPRET = triton_interpreted()
 QUICK = os.environ.get("LAYERZIP_TRITON_QUICK") == "1"
 SLICE_ROWS = 64   # SR: rows per slice; with BT = 16 tokens a thread of 4 warps gathers 8 of them
 UNROLL = 8        # KU: entries per row gathered together (independent loads in flight)
+TRANSPOSE_COLUMNS = 256  # NC: columns of x per step of the persistent kernel's transpose
 
 
 @dataclass(frozen=True)
@@ -131,9 +138,10 @@ if triton is not None:
                 for bt, w in ((16, 4), (32, 8), (8, 2), (16, 2))][:2 if QUICK else None]
 
     @triton.jit
-    def _slice_products(x_tile, cols_ptr, vals_ptr, off_ptr, width_ptr, s, ri, tok, T,
+    def _slice_products(x_tile, cols_ptr, vals_ptr, off_ptr, width_ptr, s, ri, tok, x_stride,
                         SR: tl.constexpr, KU: tl.constexpr, BT: tl.constexpr):
-        """(SR, BT): lane i's entries of slice s times the token tile's columns of x."""
+        """(SR, BT): lane i's entries of slice s times the token tile's columns of x (column
+        j at x_tile + j·x_stride)."""
         off = tl.load(off_ptr + s)
         width = tl.load(width_ptr + s)
         acc = tl.zeros((SR, BT), dtype=tl.float32)
@@ -143,7 +151,7 @@ if triton is not None:
                 # the entries stream past L1 (.cg) so as not to evict the xᵀ tile
                 c = tl.load(cols_ptr + e, cache_modifier=".cg").to(tl.int64)
                 v = tl.load(vals_ptr + e, cache_modifier=".cg")
-                xg = tl.load(x_tile[None, :] + c[:, None] * T,
+                xg = tl.load(x_tile[None, :] + c[:, None] * x_stride,
                              mask=(c[:, None] >= 0) & tok[None, :], other=0.0)
                 acc += v.to(tl.float32)[:, None] * xg.to(tl.float32)
         return acc
@@ -156,24 +164,20 @@ if triton is not None:
         out = tl.load(yp, mask=ym, other=0.0, cache_modifier=".cg").to(tl.float32) + acc
         tl.store(yp, out.to(y_ptr.dtype.element_ty), mask=ym)
 
-    # y is updated in place: the autotuner must restore it after each timed run
-    @triton.autotune(configs=_configs(), key=["T_BUCKET", "M", "N"], restore_value=["y_ptr"])
     @triton.jit
-    def _entry_residual(xt_ptr, cols_ptr, vals_ptr, off_ptr, width_ptr, map_ptr, b_ptr, y_ptr,
-                        T, T_BUCKET, M, N, N_SLICES, N_REGULAR, HAS_BIAS: tl.constexpr,
-                        SR: tl.constexpr, KU: tl.constexpr, BT: tl.constexpr):
-        """y[t0:t0+BT, :] += S xᵀ[:, t0:t0+BT] (+ bias): the regular slices (rows s·SR…),
-        then one overflow slice per long row. This program owns its tokens' y; a barrier
-        orders the two read-modify-writes of a long row."""
-        t0 = tl.program_id(0) * BT
+    def _tile_residual(x_tile, x_stride, cols_ptr, vals_ptr, off_ptr, width_ptr, map_ptr, b_ptr,
+                       y_ptr, t0, tok, M, N_SLICES, N_REGULAR, HAS_BIAS: tl.constexpr,
+                       SR: tl.constexpr, KU: tl.constexpr, BT: tl.constexpr):
+        """y[t0:t0+BT, :] += S xᵀ[:, t0:t0+BT] (+ bias), column j of the token tile at
+        x_tile + j·x_stride: the regular slices (rows s·SR…), then one overflow slice per
+        long row. The caller owns these tokens' y; a barrier orders the two
+        read-modify-writes of a long row."""
         rt = tl.arange(0, BT)
         ri = tl.arange(0, SR)
-        tok = (t0 + rt) < T
-        x_tile = xt_ptr + t0 + rt  # column j of the tile: x_tile + j·T, BT contiguous
         for s in range(0, N_REGULAR):
             rows = s * SR + ri
-            acc = _slice_products(x_tile, cols_ptr, vals_ptr, off_ptr, width_ptr, s, ri, tok, T,
-                                  SR, KU, BT)
+            acc = _slice_products(x_tile, cols_ptr, vals_ptr, off_ptr, width_ptr, s, ri, tok,
+                                  x_stride, SR, KU, BT)
             if HAS_BIAS:
                 acc += tl.load(b_ptr + rows, mask=rows < M, other=0.0).to(tl.float32)[:, None]
                 _add_to_y(y_ptr, acc, rows, t0 + rt, tok, M)
@@ -184,28 +188,88 @@ if triton is not None:
         for s in range(N_REGULAR, N_SLICES):
             # all lanes belong to one row: their products add up
             row = tl.load(map_ptr + s - N_REGULAR)
-            acc = _slice_products(x_tile, cols_ptr, vals_ptr, off_ptr, width_ptr, s, ri, tok, T,
-                                  SR, KU, BT)
+            acc = _slice_products(x_tile, cols_ptr, vals_ptr, off_ptr, width_ptr, s, ri, tok,
+                                  x_stride, SR, KU, BT)
             yp = y_ptr + (t0 + rt).to(tl.int64) * M + row
             out = tl.load(yp, mask=tok, other=0.0, cache_modifier=".cg").to(tl.float32)
             tl.store(yp, (out + tl.sum(acc, axis=0)).to(y_ptr.dtype.element_ty), mask=tok)
 
+    # y is updated in place: the autotuner must restore it after each timed run
+    @triton.autotune(configs=_configs(), key=["T_BUCKET", "M", "N"], restore_value=["y_ptr"])
+    @triton.jit
+    def _entry_residual(xt_ptr, cols_ptr, vals_ptr, off_ptr, width_ptr, map_ptr, b_ptr, y_ptr,
+                        T, T_BUCKET, M, N, N_SLICES, N_REGULAR, HAS_BIAS: tl.constexpr,
+                        SR: tl.constexpr, KU: tl.constexpr, BT: tl.constexpr):
+        """One token tile per program, from xᵀ (n × T) made by the caller."""
+        t0 = tl.program_id(0) * BT
+        rt = tl.arange(0, BT)
+        _tile_residual(xt_ptr + t0 + rt, T, cols_ptr, vals_ptr, off_ptr, width_ptr, map_ptr,
+                       b_ptr, y_ptr, t0, (t0 + rt) < T, M, N_SLICES, N_REGULAR, HAS_BIAS, SR,
+                       KU, BT)
+
+    @triton.autotune(configs=_configs(), key=["T_BUCKET", "M", "N"], restore_value=["y_ptr"])
+    @triton.jit
+    def _entry_residual_persistent(x_ptr, scratch_ptr, cols_ptr, vals_ptr, off_ptr, width_ptr,
+                                   map_ptr, b_ptr, y_ptr, T, T_BUCKET, M, N, N_SLICES,
+                                   N_REGULAR, sxt, HAS_BIAS: tl.constexpr, SR: tl.constexpr,
+                                   KU: tl.constexpr, BT: tl.constexpr, NC: tl.constexpr):
+        """A persistent program per SM transposes each of its token tiles itself, into its
+        own scratch (n × BT, in L2): x is read once, from memory, and no xᵀ is written there."""
+        pid = tl.program_id(0)
+        rt = tl.arange(0, BT)
+        cj = tl.arange(0, NC)
+        xs = scratch_ptr + pid.to(tl.int64) * N * BT
+        for tile in range(pid, tl.cdiv(T, BT), tl.num_programs(0)):
+            t0 = tile * BT
+            tok = (t0 + rt) < T
+            tl.debug_barrier()  # the previous tile's gathers are done before overwriting
+            for j0 in range(0, N, NC):
+                cols = j0 + cj
+                xt = tl.load(x_ptr + (t0 + rt)[:, None].to(tl.int64) * sxt + cols[None, :],
+                             mask=tok[:, None] & (cols[None, :] < N), other=0.0)
+                tl.store(xs + cols[None, :] * BT + rt[:, None], xt, mask=cols[None, :] < N)
+            tl.debug_barrier()  # the tile is in the scratch for every thread
+            _tile_residual(xs + rt, BT, cols_ptr, vals_ptr, off_ptr, width_ptr, map_ptr, b_ptr,
+                           y_ptr, t0, tok, M, N_SLICES, N_REGULAR, HAS_BIAS, SR, KU, BT)
+
     _ENTRIES = LaunchCache(_entry_residual)
+    _ENTRIES_PERSISTENT = LaunchCache(_entry_residual_persistent)
 
 
 def add_entry_residual_(y: torch.Tensor, x2: torch.Tensor, packed: PackedResidual,
-                        bias: torch.Tensor | None = None) -> torch.Tensor:
+                        bias: torch.Tensor | None = None, *,
+                        persistent: bool | None = None) -> torch.Tensor:
     """In place: y (T, m) += S x2 (T, n) (+ bias), S packed by :func:`pack_entry_residual`.
-    No autograd."""
+    ``persistent``: one program per SM that transposes its token tiles itself, instead of
+    xᵀ made by torch first (default: off — not yet measured against it on a GPU). No
+    autograd."""
     t, n = x2.shape
     if (n, y.shape[1]) != (packed.n, packed.m) or y.shape[0] != t:
         raise ValueError(f"a residual of shape ({packed.m}, {packed.n}) cannot map x "
                          f"{tuple(x2.shape)} to y {tuple(y.shape)}")
     if not t:
         return y
-    xt = x2.t().contiguous()  # column j of a token tile becomes contiguous
-    _ENTRIES(lambda meta: (cdiv(t, meta["BT"]),), xt, packed.cols, packed.vals,
-             packed.offsets, packed.widths, packed.row_map, bias if bias is not None else y, y,
-             t, 1 << max(0, (t - 1).bit_length()), packed.m, n, packed.n_slices,
-             packed.n_regular, HAS_BIAS=bias is not None, SR=SLICE_ROWS, KU=UNROLL)
+    shared = (packed.cols, packed.vals, packed.offsets, packed.widths, packed.row_map,
+              bias if bias is not None else y, y)
+    sizes = (t, 1 << max(0, (t - 1).bit_length()), packed.m, n, packed.n_slices,
+             packed.n_regular)
+    meta = {"HAS_BIAS": bias is not None, "SR": SLICE_ROWS, "KU": UNROLL}
+    if persistent:
+        g = _programs(x2.device)
+        x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+        # room for the largest token tile of any config
+        scratch = torch.empty(g * n * max(c.kwargs["BT"] for c in _configs()),
+                              device=x2.device, dtype=x2.dtype)
+        _ENTRIES_PERSISTENT(lambda meta: (min(g, cdiv(t, meta["BT"])),), x2, scratch, *shared,
+                            *sizes, x2.stride(0), **meta, NC=TRANSPOSE_COLUMNS)
+    else:
+        xt = x2.t().contiguous()  # column j of a token tile becomes contiguous
+        _ENTRIES(lambda meta: (cdiv(t, meta["BT"]),), xt, *shared, *sizes, **meta)
     return y
+
+
+@functools.cache
+def _programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 3  # the interpreter: a few programs exercise the tile loop
