@@ -34,6 +34,16 @@ class WeightCache:
         return tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device)
                      for t in tensors)
 
+    def peek(self, owner: Tensor, *others: Tensor, **params) -> Any:
+        """What ``cache(owner, *others, **params)`` would return if it is built and current,
+        else None — without building (e.g. during a CUDA-graph capture, where a build that
+        synchronizes with the host would break the capture)."""
+        hit = self._entries.get(id(owner))
+        key = (self._key((owner, *others)), tuple(sorted(params.items())))
+        if hit is None or hit[0]() is not owner or hit[1] != key:
+            return None
+        return hit[2]
+
     def __call__(self, owner: Tensor, *others: Tensor, **params) -> Any:
         tensors = (owner, *others)
         key = (self._key(tensors), tuple(sorted(params.items())))

@@ -21,6 +21,10 @@ class TorchKronBackend(Backend):
         return kron_matmul_reference(x, a, b, res_idx, res_val, bias)
 
 
+def _capturing(x) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _pack_entries(res_val, res_idx, *, m, n):
     from .residual_kernel import pack_entry_residual
 
@@ -57,11 +61,16 @@ class TritonKronBackend(TritonKernelBackend):
             # in place on the fresh y; with gradients, the differentiable torch form below
             if res_val.dim() == 3:  # blocks: a kernel of tensor-core dots
                 y = add_block_residual_(y, x2.contiguous(), res_idx, res_val)
+                res_idx = res_val = None
             else:  # single entries: gathers from L1, bias fused
-                packed = self._packed(res_val, res_idx, m=y.shape[1], n=x2.shape[1])
-                y = add_entry_residual_(y, x2, packed, bias)
-                bias = None
-            res_idx = res_val = None
+                shape = {"m": y.shape[1], "n": x2.shape[1]}
+                # packing synchronizes with the host: not while a CUDA graph is captured,
+                # where a residual not packed yet takes the (capturable) torch form below
+                packed = (self._packed.peek(res_val, res_idx, **shape) if _capturing(x)
+                          else self._packed(res_val, res_idx, **shape))
+                if packed is not None:
+                    y = add_entry_residual_(y, x2, packed, bias)
+                    res_idx = res_val = bias = None
         return add_residual_and_bias(y, x2, res_idx, res_val, bias).reshape(*lead, -1)
 
 
