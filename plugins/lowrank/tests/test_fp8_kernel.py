@@ -102,3 +102,20 @@ def test_row_quantization_round_trips():
     err = (back - h.double()).abs() / h.double().abs().amax(dim=1, keepdim=True)
     assert float(err.max()) <= 1 / 16
     assert torch.equal(q.float().abs().amax(dim=1), torch.full((50,), FP8_MAX, device=DEVICE))
+
+
+def test_quantization_kernel_compiles_to_hardware_conversions():
+    # CI runs the kernel only under the interpreter, which takes the ROUND_FIRST branch; the
+    # GPU's branch is compiled here for sm_90: it must convert in hardware (cvt …e4m3x2, with
+    # saturation), read and write in 16-byte vectors and not spill
+    pytest.importorskip("triton")
+    from layerzip.testing import compile_ptx
+
+    ptx = compile_ptx("layerzip_lowrank.fp8_kernel", "_quantize_rows_kernel",
+                      {"h_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "T": "i32",
+                       "R": "i32", "sht": "i32", "shr": "constexpr", "BT": "constexpr",
+                       "RP": "constexpr", "ROUND_FIRST": "constexpr"},
+                      {"shr": 1, "BT": 16, "RP": 1024, "ROUND_FIRST": False},
+                      divisible=("h_ptr", "q_ptr", "s_ptr", "T", "R", "sht"))
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+    assert "ld.global.v4" in ptx and "st.global.v4" in ptx and ".local" not in ptx
