@@ -12,11 +12,14 @@ rows; the entries themselves stream past L1 (``.cg``) so that they do not evict 
 
 The residual is packed once per version of its tensors (:func:`pack_entry_residual`, cached
 by the backend) as a sliced ELL: rows in slices of SR; slice s stores entry k of its lane i
-at ``offsets[s] + k·SR + i``, its width (the longest lane of the slice) rounded up to the
-unroll KU, with column −1 marking padding (masked: no memory traffic). A row keeps at most
+at ``offsets[s] + k·SR + i``, its width the longest lane of the slice, with column −1 marking
+padding (masked: no gather); the kernel walks a slice KU entries at a time, masking past its
+width. A row keeps at most
 ``cap`` entries in its own slice (the cap that packs smallest): one long row — an outlier
-channel — would otherwise widen its whole slice. Its further entries go to an overflow slice
-of its own, spread over all SR lanes, whose products are summed. A program owns y for its
+channel — would otherwise widen its whole slice. Its further entries go to one lane of a
+many-row overflow slice (rows sorted by overflow, so a slice's lanes are about as long), or,
+with SR or more of them, to a slice of its own, spread over all SR lanes, whose products are
+summed. A program owns y for its
 tokens and adds every slice's products in place — no atomics; a barrier orders the two
 updates of a long row — and fuses the bias.
 
@@ -51,13 +54,15 @@ TRANSPOSE_COLUMNS = 256  # NC: columns of x per step of the persistent kernel's 
 
 @dataclass(frozen=True)
 class PackedResidual:
-    """A residual of single entries as a sliced ELL (see the module docstring)."""
+    """A residual of single entries as a sliced ELL (see the module docstring): regular
+    slices, then overflow slices of many rows (one per lane), then of one row each."""
 
-    cols: torch.Tensor     # (total,) int16 when n < 2¹⁵, else int32; −1: padding
-    vals: torch.Tensor     # (total,) the residual's dtype; 0 at padding
-    offsets: torch.Tensor  # (n_slices,) int64: where slice s starts
-    widths: torch.Tensor   # (n_slices,) int32: entries per lane in slice s (multiple of KU)
-    row_map: torch.Tensor  # (n_overflow,) int32: the output row of each overflow slice
+    cols: torch.Tensor       # (total,) int16 when n < 2¹⁵, else int32; −1: padding
+    vals: torch.Tensor       # (total,) the residual's dtype; 0 at padding
+    offsets: torch.Tensor    # (n_slices,) int64: where slice s starts
+    widths: torch.Tensor     # (n_slices,) int32: entries per lane in slice s (its longest lane)
+    lane_rows: torch.Tensor  # (n_multi · SR,) int32: the output row of each lane; −1: none
+    slice_rows: torch.Tensor  # (n_single,) int32: the output row of each one-row slice
     m: int
     n: int
 
@@ -66,28 +71,39 @@ class PackedResidual:
         return self.offsets.numel()
 
     @property
+    def n_multi(self) -> int:
+        return self.lane_rows.numel() // SLICE_ROWS
+
+    @property
     def n_regular(self) -> int:
-        return self.n_slices - self.row_map.numel()
+        return self.n_slices - self.n_multi - self.slice_rows.numel()
 
 
-def _round_up(v, k: int):
-    return (v + k - 1) // k * k
+def _overflow(counts: torch.Tensor, cap: int):
+    """With cap entries kept per row in its own slice, the rows past it: (rows of a lane in
+    a many-row overflow slice, sorted longest first; their extra entries), (rows with a
+    slice of their own — SR or more extra entries, spread over all lanes; their extra)."""
+    extra = (counts - cap).clamp(min=0)
+    short = torch.nonzero((extra > 0) & (extra < SLICE_ROWS)).flatten()
+    short = short[torch.argsort(extra[short], descending=True, stable=True)]
+    long = torch.nonzero(extra >= SLICE_ROWS).flatten()
+    return short, extra[short], long, extra[long]
 
 
-def _overflow_widths(counts: torch.Tensor, cap: int) -> torch.Tensor:
-    """Width of the overflow slice of each row with more than cap entries."""
-    extra = counts[counts > cap] - cap
-    return _round_up(_round_up(extra, SLICE_ROWS) // SLICE_ROWS, UNROLL)
+def _slots(counts: torch.Tensor, cap: int) -> int:
+    """Slots (per lane) the packing takes with this cap."""
+    _, short_extra, _, long_extra = _overflow(counts, cap)
+    regular = counts.view(-1, SLICE_ROWS).amax(1).clamp(max=cap).sum()
+    multi = short_extra[::SLICE_ROWS].sum()  # each group's width: its first (longest) lane
+    single = ((long_extra + SLICE_ROWS - 1) // SLICE_ROWS).sum()
+    return int(regular + multi + single)
 
 
 def _best_cap(counts: torch.Tensor) -> int:
     """Entries a row keeps in its own slice: the cap that packs into the fewest slots. One
     long row would otherwise widen its whole slice."""
-    slice_max = counts.view(-1, SLICE_ROWS).amax(1)
-    top = max(UNROLL, _round_up(int(slice_max.max()), UNROLL))
-    sizes = {cap: int(_round_up(slice_max.clamp(max=cap), UNROLL).sum() +
-                      _overflow_widths(counts, cap).sum())
-             for cap in range(UNROLL, top + 1, UNROLL)}
+    top = max(1, int(counts.max()))
+    sizes = {cap: _slots(counts, cap) for cap in range(1, top + 1)}
     return min(sizes, key=lambda cap: (sizes[cap], -cap))
 
 
@@ -100,19 +116,34 @@ def pack_entry_residual(res_idx: torch.Tensor, res_val: torch.Tensor, m: int,
     n_reg = cdiv(m, SLICE_ROWS)
     counts = torch.bincount(rows, minlength=n_reg * SLICE_ROWS).cpu()
     cap = _best_cap(counts)
-    # each entry's rank in its row (the indices are sorted, so a row is a run): the first
-    # cap go to lane i % SR of the row's slice, position rank; the rest to the row's
-    # overflow slice, lane (rank − cap) % SR, position (rank − cap) // SR
+    short, short_extra, long, long_extra = _overflow(counts, cap)
+    n_multi, n_single = cdiv(short.numel(), SLICE_ROWS), long.numel()
+    # where each row's entries past the cap go: (slice, lane) for a short row, slice for a
+    # long one (its entries spread over the lanes)
+    slice_of_row = torch.full((counts.numel(),), -1, dtype=torch.long)
+    lane_of_row = torch.zeros(counts.numel(), dtype=torch.long)
+    order = torch.arange(short.numel())
+    slice_of_row[short] = n_reg + order // SLICE_ROWS
+    lane_of_row[short] = order % SLICE_ROWS
+    slice_of_row[long] = n_reg + n_multi + torch.arange(n_single)
+    widths = torch.cat([counts.view(-1, SLICE_ROWS).amax(1).clamp(max=cap),
+                        short_extra[::SLICE_ROWS],
+                        (long_extra + SLICE_ROWS - 1) // SLICE_ROWS])
+    lane_rows = torch.full((n_multi * SLICE_ROWS,), -1, dtype=torch.int32)
+    lane_rows[: short.numel()] = short.to(torch.int32)
+    # each entry's rank in its row (the indices are sorted, so a row is a run): the first cap
+    # go to lane i % SR of the row's own slice at position rank; the rest past the cap, to
+    # the row's lane of a many-row slice, or over the lanes of its one-row slice
     rank = torch.arange(idx.numel(), device=device) - (torch.cumsum(counts, 0) - counts
                                                         ).to(device)[rows]
-    over = rank >= cap
-    heavy = counts > cap
-    overflow_slice = (torch.cumsum(heavy, 0) - 1 + n_reg).to(device)
-    slice_of = torch.where(over, overflow_slice[rows], rows // SLICE_ROWS)
-    lane = torch.where(over, (rank - cap) % SLICE_ROWS, rows % SLICE_ROWS)
-    pos = torch.where(over, (rank - cap) // SLICE_ROWS, rank)
-    widths = torch.cat([_round_up(counts.view(-1, SLICE_ROWS).amax(1).clamp(max=cap), UNROLL),
-                        _overflow_widths(counts, cap)]).to(device)
+    past = rank - cap
+    over = past >= 0
+    long_row = (counts >= cap + SLICE_ROWS).to(device)[rows]
+    slice_of = torch.where(over, slice_of_row.to(device)[rows], rows // SLICE_ROWS)
+    lane = torch.where(over, torch.where(long_row, past % SLICE_ROWS,
+                                         lane_of_row.to(device)[rows]), rows % SLICE_ROWS)
+    pos = torch.where(over, torch.where(long_row, past // SLICE_ROWS, past), rank)
+    widths = widths.to(device)
     sizes = widths * SLICE_ROWS
     offsets = torch.cumsum(sizes, 0) - sizes
     slot = offsets[slice_of] + pos * SLICE_ROWS + lane
@@ -122,9 +153,8 @@ def pack_entry_residual(res_idx: torch.Tensor, res_val: torch.Tensor, m: int,
     packed_cols[slot] = cols.to(col_dtype)
     packed_vals = torch.zeros(total, dtype=res_val.dtype, device=device)
     packed_vals[slot] = res_val.detach()
-    row_map = torch.nonzero(heavy).flatten().to(device, torch.int32)
-    return PackedResidual(packed_cols, packed_vals, offsets, widths.to(torch.int32), row_map,
-                          m, n)
+    return PackedResidual(packed_cols, packed_vals, offsets, widths.to(torch.int32),
+                          lane_rows.to(device), long.to(device, torch.int32), m, n)
 
 
 if triton is not None:
@@ -148,9 +178,11 @@ if triton is not None:
         for k0 in range(0, width, KU):
             for j in tl.static_range(KU):
                 e = off + (k0 + j) * SR + ri
+                inside = ri * 0 + (k0 + j) < width  # past the slice's width: masked
                 # the entries stream past L1 (.cg) so as not to evict the xᵀ tile
-                c = tl.load(cols_ptr + e, cache_modifier=".cg").to(tl.int64)
-                v = tl.load(vals_ptr + e, cache_modifier=".cg")
+                c = tl.load(cols_ptr + e, mask=inside, other=-1,
+                            cache_modifier=".cg").to(tl.int64)
+                v = tl.load(vals_ptr + e, mask=inside, other=0.0, cache_modifier=".cg")
                 xg = tl.load(x_tile[None, :] + c[:, None] * x_stride,
                              mask=(c[:, None] >= 0) & tok[None, :], other=0.0)
                 acc += v.to(tl.float32)[:, None] * xg.to(tl.float32)
@@ -159,19 +191,20 @@ if triton is not None:
     @triton.jit
     def _add_to_y(y_ptr, acc, rows, tokens, tok, M):
         yp = y_ptr + tokens[None, :].to(tl.int64) * M + rows[:, None]
-        ym = (rows[:, None] < M) & tok[None, :]
+        ym = (rows[:, None] >= 0) & (rows[:, None] < M) & tok[None, :]
         # .cg: y passes once through this SM; L1 keeps the xᵀ tile
         out = tl.load(yp, mask=ym, other=0.0, cache_modifier=".cg").to(tl.float32) + acc
         tl.store(yp, out.to(y_ptr.dtype.element_ty), mask=ym)
 
     @triton.jit
-    def _tile_residual(x_tile, x_stride, cols_ptr, vals_ptr, off_ptr, width_ptr, map_ptr, b_ptr,
-                       y_ptr, t0, tok, M, N_SLICES, N_REGULAR, HAS_BIAS: tl.constexpr,
-                       SR: tl.constexpr, KU: tl.constexpr, BT: tl.constexpr):
+    def _tile_residual(x_tile, x_stride, cols_ptr, vals_ptr, off_ptr, width_ptr, lane_rows_ptr,
+                       slice_rows_ptr, b_ptr, y_ptr, t0, tok, M, N_SLICES, N_REGULAR, N_MULTI,
+                       HAS_BIAS: tl.constexpr, SR: tl.constexpr, KU: tl.constexpr,
+                       BT: tl.constexpr):
         """y[t0:t0+BT, :] += S xᵀ[:, t0:t0+BT] (+ bias), column j of the token tile at
-        x_tile + j·x_stride: the regular slices (rows s·SR…), then one overflow slice per
-        long row. The caller owns these tokens' y; a barrier orders the two
-        read-modify-writes of a long row."""
+        x_tile + j·x_stride: the regular slices (rows s·SR…), then the overflow slices of
+        many rows (one per lane), then those of one row. The caller owns these tokens' y; a
+        barrier orders the two read-modify-writes of a row that overflows."""
         rt = tl.arange(0, BT)
         ri = tl.arange(0, SR)
         for s in range(0, N_REGULAR):
@@ -185,9 +218,15 @@ if triton is not None:
                 if tl.load(width_ptr + s) > 0:  # a slice without entries leaves y alone
                     _add_to_y(y_ptr, acc, rows, t0 + rt, tok, M)
         tl.debug_barrier()  # the regular slices' writes to y are done before any row's overflow
-        for s in range(N_REGULAR, N_SLICES):
+        for s in range(N_REGULAR, N_REGULAR + N_MULTI):
+            # one row per lane (−1: none), each row in one lane of one such slice
+            rows = tl.load(lane_rows_ptr + (s - N_REGULAR) * SR + ri)
+            acc = _slice_products(x_tile, cols_ptr, vals_ptr, off_ptr, width_ptr, s, ri, tok,
+                                  x_stride, SR, KU, BT)
+            _add_to_y(y_ptr, acc, rows, t0 + rt, tok, M)
+        for s in range(N_REGULAR + N_MULTI, N_SLICES):
             # all lanes belong to one row: their products add up
-            row = tl.load(map_ptr + s - N_REGULAR)
+            row = tl.load(slice_rows_ptr + s - N_REGULAR - N_MULTI)
             acc = _slice_products(x_tile, cols_ptr, vals_ptr, off_ptr, width_ptr, s, ri, tok,
                                   x_stride, SR, KU, BT)
             yp = y_ptr + (t0 + rt).to(tl.int64) * M + row
@@ -197,22 +236,24 @@ if triton is not None:
     # y is updated in place: the autotuner must restore it after each timed run
     @triton.autotune(configs=_configs(), key=["T_BUCKET", "M", "N"], restore_value=["y_ptr"])
     @triton.jit
-    def _entry_residual(xt_ptr, cols_ptr, vals_ptr, off_ptr, width_ptr, map_ptr, b_ptr, y_ptr,
-                        T, T_BUCKET, M, N, N_SLICES, N_REGULAR, HAS_BIAS: tl.constexpr,
-                        SR: tl.constexpr, KU: tl.constexpr, BT: tl.constexpr):
+    def _entry_residual(xt_ptr, cols_ptr, vals_ptr, off_ptr, width_ptr, lane_rows_ptr,
+                        slice_rows_ptr, b_ptr, y_ptr, T, T_BUCKET, M, N, N_SLICES, N_REGULAR,
+                        N_MULTI, HAS_BIAS: tl.constexpr, SR: tl.constexpr, KU: tl.constexpr,
+                        BT: tl.constexpr):
         """One token tile per program, from xᵀ (n × T) made by the caller."""
         t0 = tl.program_id(0) * BT
         rt = tl.arange(0, BT)
-        _tile_residual(xt_ptr + t0 + rt, T, cols_ptr, vals_ptr, off_ptr, width_ptr, map_ptr,
-                       b_ptr, y_ptr, t0, (t0 + rt) < T, M, N_SLICES, N_REGULAR, HAS_BIAS, SR,
-                       KU, BT)
+        _tile_residual(xt_ptr + t0 + rt, T, cols_ptr, vals_ptr, off_ptr, width_ptr,
+                       lane_rows_ptr, slice_rows_ptr, b_ptr, y_ptr, t0, (t0 + rt) < T, M,
+                       N_SLICES, N_REGULAR, N_MULTI, HAS_BIAS, SR, KU, BT)
 
     @triton.autotune(configs=_configs(), key=["T_BUCKET", "M", "N"], restore_value=["y_ptr"])
     @triton.jit
     def _entry_residual_persistent(x_ptr, scratch_ptr, cols_ptr, vals_ptr, off_ptr, width_ptr,
-                                   map_ptr, b_ptr, y_ptr, T, T_BUCKET, M, N, N_SLICES,
-                                   N_REGULAR, sxt, HAS_BIAS: tl.constexpr, SR: tl.constexpr,
-                                   KU: tl.constexpr, BT: tl.constexpr, NC: tl.constexpr):
+                                   lane_rows_ptr, slice_rows_ptr, b_ptr, y_ptr, T, T_BUCKET, M,
+                                   N, N_SLICES, N_REGULAR, N_MULTI, sxt,
+                                   HAS_BIAS: tl.constexpr, SR: tl.constexpr, KU: tl.constexpr,
+                                   BT: tl.constexpr, NC: tl.constexpr):
         """A persistent program per SM transposes each of its token tiles itself, into its
         own scratch (n × BT, in L2): x is read once, from memory, and no xᵀ is written there."""
         pid = tl.program_id(0)
@@ -229,8 +270,9 @@ if triton is not None:
                              mask=tok[:, None] & (cols[None, :] < N), other=0.0)
                 tl.store(xs + cols[None, :] * BT + rt[:, None], xt, mask=cols[None, :] < N)
             tl.debug_barrier()  # the tile is in the scratch for every thread
-            _tile_residual(xs + rt, BT, cols_ptr, vals_ptr, off_ptr, width_ptr, map_ptr, b_ptr,
-                           y_ptr, t0, tok, M, N_SLICES, N_REGULAR, HAS_BIAS, SR, KU, BT)
+            _tile_residual(xs + rt, BT, cols_ptr, vals_ptr, off_ptr, width_ptr, lane_rows_ptr,
+                           slice_rows_ptr, b_ptr, y_ptr, t0, tok, M, N_SLICES, N_REGULAR,
+                           N_MULTI, HAS_BIAS, SR, KU, BT)
 
     _ENTRIES = LaunchCache(_entry_residual)
     _ENTRIES_PERSISTENT = LaunchCache(_entry_residual_persistent)
@@ -249,10 +291,11 @@ def add_entry_residual_(y: torch.Tensor, x2: torch.Tensor, packed: PackedResidua
                          f"{tuple(x2.shape)} to y {tuple(y.shape)}")
     if not t:
         return y
-    shared = (packed.cols, packed.vals, packed.offsets, packed.widths, packed.row_map,
+    shared = (packed.cols, packed.vals, packed.offsets, packed.widths, packed.lane_rows,
+              packed.slice_rows,
               bias if bias is not None else y, y)
     sizes = (t, 1 << max(0, (t - 1).bit_length()), packed.m, n, packed.n_slices,
-             packed.n_regular)
+             packed.n_regular, packed.n_multi)
     meta = {"HAS_BIAS": bias is not None, "SR": SLICE_ROWS, "KU": UNROLL}
     if persistent:
         g = _programs(x2.device)
