@@ -64,6 +64,23 @@ def test_packing_puts_every_entry_in_one_slot(skew):
         assert p.cols.numel() < 0.25 * longest * SLICE_ROWS * p.n_regular
 
 
+def test_the_cap_is_the_best_of_all_caps():
+    # the cap is searched among the counts where the packing's size changes slope only; on
+    # random row lengths (with a few outlier rows) it is as good as trying every cap
+    from layerzip_kronecker.residual_kernel import _best_cap, _slots
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        m = int(torch.randint(64, 1500, (1,), generator=g))
+        counts = torch.poisson(torch.full((m,), float(torch.rand(1, generator=g)) * 60 + 0.5),
+                               generator=g).long()
+        outliers = int(torch.randint(0, 8, (1,), generator=g))
+        counts[:outliers] = torch.randint(50, 600, (outliers,), generator=g)
+        counts = torch.cat([counts, torch.zeros((-m) % SLICE_ROWS, dtype=torch.long)])
+        every_cap = min(_slots(counts, c) for c in range(1, int(counts.max()) + 1))
+        assert _slots(counts, _best_cap(counts)) == every_cap
+
+
 @pytest.mark.parametrize("t,m,n,nnz,bias,skew", [
     (37, 150, 70, 900, True, False),   # token tail, partial last slice, bias fused
     (16, 64, 4096, 2000, False, True),  # long rows, skewed counts; int16 columns up to 4095

@@ -31,7 +31,6 @@ say (benchmarks/kronecker_entry_residual.py).
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -44,6 +43,8 @@ except ImportError:  # pragma: no cover
     triton = None
 
 from layerzip import LaunchCache, cdiv, triton_interpreted
+
+from .triton_kernel import _sm_count
 
 INTERPRET = triton_interpreted()
 QUICK = os.environ.get("LAYERZIP_TRITON_QUICK") == "1"
@@ -102,8 +103,12 @@ def _slots(counts: torch.Tensor, cap: int) -> int:
 def _best_cap(counts: torch.Tensor) -> int:
     """Entries a row keeps in its own slice: the cap that packs into the fewest slots. One
     long row would otherwise widen its whole slice."""
+    # the slot count is linear in the cap between the caps where a row starts or stops
+    # overflowing (a count) or changes kind (a count − SR): its minimum is at one of those
     top = max(1, int(counts.max()))
-    sizes = {cap: _slots(counts, cap) for cap in range(1, top + 1)}
+    candidates = torch.cat([counts, counts - SLICE_ROWS, torch.tensor([1, top])])
+    candidates = candidates[(candidates >= 1) & (candidates <= top)].unique().tolist()
+    sizes = {cap: _slots(counts, cap) for cap in candidates}
     return min(sizes, key=lambda cap: (sizes[cap], -cap))
 
 
@@ -311,8 +316,7 @@ def add_entry_residual_(y: torch.Tensor, x2: torch.Tensor, packed: PackedResidua
     return y
 
 
-@functools.cache
 def _programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _sm_count(device.index or 0)
     return 3  # the interpreter: a few programs exercise the tile loop
