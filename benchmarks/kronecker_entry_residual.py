@@ -3,9 +3,9 @@ cuSPARSE CSR (the torch path) and the dense layer, at T = 8192 on a 4096² layer
 is checked against float64 and timed per call from a CUDA graph (layerzip.bench).
 
 Rows: the whole kernel call (xᵀ made inside), the persistent variant (each program transposes
-its own token tiles), the kernel given xᵀ, the transpose alone,
-a grid of tile configurations (wider than the autotuner's), and the torch CSR path; for 1% of entries spread
-uniformly and for a skewed pattern (half of them in 1% of the rows, as around outlier
+its own token tiles), the transpose alone, the kernel given xᵀ for a grid of tile
+configurations (wider than the autotuner's), and the torch CSR path; for 1% of the entries
+spread uniformly and for a skewed pattern (half of them in 1% of the rows, as around outlier
 channels).
 
     python benchmarks/kronecker_entry_residual.py --out benchmarks/results/kronecker_entry_residual
@@ -83,15 +83,18 @@ def main() -> None:
                      "rel_error": err, "best_config": str(_entry_residual_persistent.best_config)})
         xt = x.t().contiguous()
         for bt, warps in GRID:
-            def call(bt=bt, warps=warps):
+            def call(bt=bt, warps=warps, y=y):
                 _entry_residual.fn[(cdiv(t, bt),)](
                     xt, packed.cols, packed.vals, packed.offsets, packed.widths,
-                    packed.row_map, y, y, t, 1 << (t - 1).bit_length(), m, n, packed.n_slices,
-                    packed.n_regular, HAS_BIAS=False, SR=SLICE_ROWS, KU=UNROLL, BT=bt,
-                    num_warps=warps)
+                    packed.lane_rows, packed.slice_rows, y, y, t, 1 << (t - 1).bit_length(),
+                    m, n, packed.n_slices, packed.n_regular, packed.n_multi, HAS_BIAS=False,
+                    SR=SLICE_ROWS, KU=UNROLL, BT=bt, num_warps=warps)
             case = f"{name}: kernel given xᵀ, BT={bt} warps={warps}"
             try:
-                rows.append({"case": case, "ms": gpu_ms(call)})
+                once = y0.clone()
+                call(y=once)  # checked before timing adds more
+                err = float((once.double() - want).norm() / (want - y0.double()).norm())
+                rows.append({"case": case, "ms": gpu_ms(call), "rel_error": err})
             except Exception as e:  # noqa: BLE001 - a config that fails is a finding
                 rows.append({"case": case, "error": repr(e)[:200]})
             print(json.dumps(rows[-1]), flush=True)
@@ -103,10 +106,11 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(
         {"command": " ".join(["python", *sys.argv]), "gpu": torch.cuda.get_device_name(),
          "torch": torch.__version__, "rows": rows}, indent=1))
-    lines = ["| case | ms | vs dense |", "|---|---|---|"]
+    lines = ["| case | ms | vs dense | rel. error (of the residual) |", "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r.get('ms', float('nan')):.4f} | "
-                     f"{dense / r['ms'] if 'ms' in r else float('nan'):.2f}× |")
+                     f"{dense / r['ms'] if 'ms' in r else float('nan'):.2f}× | "
+                     f"{r.get('rel_error', r.get('error', '—'))} |")
     print("\n".join(lines))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 

@@ -64,7 +64,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(
         {"command": " ".join([".venv/bin/python", *sys.argv]), "rows": rows}, indent=1) + "\n")
-    lines = [f"Made by `.venv/bin/python benchmarks/kronecker_residual_packing.py` (CPU; no "
+    lines = ["Made by `.venv/bin/python benchmarks/kronecker_residual_packing.py` (CPU; no "
              "timing). One Kronecker term plus 1% of single entries per projection; a slot is "
              "an entry the gather kernel loads (padding included), so slots per entry is its "
              "overhead over a perfect packing. Overflow slices: of many rows (a row per lane) "

@@ -34,24 +34,26 @@ class WeightCache:
         return tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device)
                      for t in tensors)
 
+    def _lookup(self, owner: Tensor, others, params):
+        """(key, entry if current else None)."""
+        key = (self._key((owner, *others)), tuple(sorted(params.items())))
+        hit = self._entries.get(id(owner))
+        current = hit is not None and hit[0]() is owner and hit[1] == key
+        return key, hit if current else None
+
     def peek(self, owner: Tensor, *others: Tensor, **params) -> Any:
         """What ``cache(owner, *others, **params)`` would return if it is built and current,
         else None — without building (e.g. during a CUDA-graph capture, where a build that
         synchronizes with the host would break the capture)."""
-        hit = self._entries.get(id(owner))
-        key = (self._key((owner, *others)), tuple(sorted(params.items())))
-        if hit is None or hit[0]() is not owner or hit[1] != key:
-            return None
-        return hit[2]
+        hit = self._lookup(owner, others, params)[1]
+        return None if hit is None else hit[2]
 
     def __call__(self, owner: Tensor, *others: Tensor, **params) -> Any:
-        tensors = (owner, *others)
-        key = (self._key(tensors), tuple(sorted(params.items())))
-        hit = self._entries.get(id(owner))
-        if hit is None or hit[0]() is not owner or hit[1] != key:
+        key, hit = self._lookup(owner, others, params)
+        if hit is None:
             ref = weakref.ref(owner, lambda _, k=id(owner), entries=self._entries:
                               entries.pop(k, None))
-            hit = self._entries[id(owner)] = (ref, key, self._build(*tensors, **params))
+            hit = self._entries[id(owner)] = (ref, key, self._build(owner, *others, **params))
         return hit[2]
 
     def __len__(self) -> int:

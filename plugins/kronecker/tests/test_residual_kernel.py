@@ -134,8 +134,8 @@ def test_shape_mismatch_is_named():
 SIGNATURE = {"xt_ptr": "*bf16", "cols_ptr": "*i16", "vals_ptr": "*bf16", "off_ptr": "*i64",
              "width_ptr": "*i32", "lane_rows_ptr": "*i32", "slice_rows_ptr": "*i32",
              "b_ptr": "*bf16", "y_ptr": "*bf16", "T": "i32", "T_BUCKET": "i32", "M": "i32",
-             "N": "i32", "N_SLICES": "i32", "N_REGULAR": "i32", "N_MULTI": "i32", "HAS_BIAS": "constexpr", "SR": "constexpr", "KU": "constexpr",
-             "BT": "constexpr"}
+             "N": "i32", "N_SLICES": "i32", "N_REGULAR": "i32", "N_MULTI": "i32",
+             "HAS_BIAS": "constexpr", "SR": "constexpr", "KU": "constexpr", "BT": "constexpr"}
 PERSISTENT_SIGNATURE = {"x_ptr": "*bf16", "scratch_ptr": "*bf16",
                         **{k: v for k, v in SIGNATURE.items() if k != "xt_ptr"},
                         "sxt": "i32", "NC": "constexpr"}

@@ -40,9 +40,9 @@ def compile_ptx(module: str, kernel: str, signature: dict[str, str], constexprs:
                 capability: int = 90) -> str:
     """PTX of ``module.kernel`` compiled for compute capability ``capability`` (no GPU needed;
     Triton's own ptxas assembles it). ``signature`` maps every parameter (in any order) to its
-    Triton type ("*bf16", "i32", … or "constexpr"), ``constexprs`` gives the constexpr values, and
-    ``divisible`` names the parameters to treat as multiples of 16 (pointers and sizes, as
-    Triton's launcher specializes them). Raises AssertionError with the compiler's message
+    Triton type ("*bf16", "i32", … or "constexpr"), ``constexprs`` gives the constexpr
+    values, and ``divisible`` names the parameters to treat as multiples of 16 (pointers and
+    sizes, as Triton's launcher specializes them). Raises AssertionError with the compiler's message
     when the kernel does not compile."""
     spec = {"module": module, "kernel": kernel, "signature": signature,
             "constexprs": constexprs, "num_warps": num_warps, "divisible": list(divisible),
