@@ -30,8 +30,8 @@ an elementwise op, no change (benchmarks/results/history/lowrank_decode_tune_ses
 Phase 2 may also run as its own dependent launch (``split``, a tuning option: measured no
 faster). ``vfirst`` (a tuning option, off; not yet measured) issues the first V tile's reads
 before the prefetched U tile's, since phase 1 needs them first and the memory system serves
-requests roughly in order (the PTX keeps that order: tests/test_decode_kernel.py compiles
-both). The next kernel can only start once every program of this one has started, so the
+requests roughly in order (the compiled PTX keeps the source order, as read off it in
+session 8; tests/test_decode_kernel.py compiles both orders for sm_90). The next kernel can only start once every program of this one has started, so the
 barrier still finds all of them resident.
 
 All programs must be resident at once for the barrier: G = number of SMs, one small program each.
