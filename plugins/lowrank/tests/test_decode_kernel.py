@@ -170,16 +170,17 @@ DECODE_SIGNATURE = {
 
 
 @pytest.mark.parametrize("vfirst", [False, True])
-def test_fused_dependent_launch_compiles_for_hopper(vfirst):
+@pytest.mark.parametrize("m", [11008, 4096])
+def test_fused_dependent_launch_compiles_for_hopper(vfirst, m):
     # the fused kernel only runs on a GPU: compile it for sm_90 here (the tiles of
-    # 4096→11008, r = 256, T = 16). Both weight tiles are read before the kernel waits on the
-    # one before it — in either order — and nothing spills.
+    # 4096→m, r = 256, T = 16 on 132 SMs). Both weight tiles are read before the kernel waits
+    # on the one before it — in either order — and nothing spills.
     pytest.importorskip("triton")
     from layerzip.testing import compile_ptx
 
     from layerzip_lowrank.decode_kernel import plan
 
-    p = plan(16, 4096, 11008, 256, 132, vfirst=int(vfirst))
+    p = plan(16, 4096, m, 256, 132, vfirst=int(vfirst))
     assert p["VFIRST"] is vfirst and p["PREFETCH"]
     ptx = compile_ptx("layerzip_lowrank.decode_kernel", "_decode_kernel", DECODE_SIGNATURE,
                       {"HAS_BIAS": True, "PHASE": 0, "PDL": True, "ZERO_H": True, "sxn": 1,
