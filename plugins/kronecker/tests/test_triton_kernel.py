@@ -165,3 +165,25 @@ def test_entry_residual_is_packed_outside_graph_captures(monkeypatch):
         out = be(x, a, b, idx, val, bias)
         assert len(be._packed) == packed and bool(kernel_calls) == by_kernel
         assert float((out.double() - want).norm() / want.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("r,tb", [(1, 1), (4, 2)])
+def test_forward_kernel_compiles_for_hopper_with_tensor_core_dots(r, tb):
+    # the interpreter runs the kernel as Python; compiled for sm_90 (64×64 ⊗ 64×64, bf16, with
+    # token tiles the autotuner keeps for that shape), its products are Hopper tensor-core
+    # wgmma instructions, its x tiles move by 16-byte loads or async copies, and nothing spills
+    pytest.importorskip("triton")
+    from layerzip.testing import compile_ptx
+
+    sig = {**{p: "*bf16" for p in ("x_ptr", "a_ptr", "b_ptr", "y_ptr")},
+           **{p: "i32" for p in ("T", "T_BUCKET", "M1", "N1", "M2", "N2")},
+           **{p: "constexpr" for p in ("R", "BM1", "BN1", "BM2", "BN2", "PRECISION", "TB",
+                                       "OCC")}}
+    ptx = compile_ptx("layerzip_kronecker.triton_kernel", "_kron_fwd", sig,
+                      {"R": r, "BM1": 64, "BN1": 64, "BM2": 64, "BN2": 64,
+                       "PRECISION": "ieee", "TB": tb, "OCC": 2},
+                      divisible=("x_ptr", "a_ptr", "b_ptr", "y_ptr", "T", "M1", "N1", "M2",
+                                 "N2"))
+    assert "wgmma.mma_async" in ptx
+    assert "ld.global.v4" in ptx or "cp.async" in ptx
+    assert ".local" not in ptx
