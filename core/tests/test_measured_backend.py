@@ -101,7 +101,7 @@ def test_a_first_call_inside_a_cuda_graph_capture_does_not_measure(measured, mon
     """Timing synchronizes, which a capture forbids: the top candidate serves, nothing cached."""
     import layerzip.backends
 
-    monkeypatch.setattr(layerzip.backends, "_capturing", lambda: True)
+    monkeypatch.setattr(layerzip.backends, "graph_capturing", lambda: True)
     x, w = torch.randn(4, 8), torch.randn(8, 3)
     torch.testing.assert_close(measured(x, w), x @ w)
     assert measured.choices == {} and FastNoGrad.calls == 1 and Slow.calls == 0
@@ -119,7 +119,7 @@ def test_calls_inside_a_capture_use_the_choice_measured_for_graphs(measured, mon
     measured(x, w)
     (eager,), (graphed,) = measured.choices.values(), measured.graph_choices.values()
     assert eager.name == "fast" and graphed.name == "slow"
-    monkeypatch.setattr(layerzip.backends, "_capturing", lambda: True)
+    monkeypatch.setattr(layerzip.backends, "graph_capturing", lambda: True)
     before = Slow.calls
     torch.testing.assert_close(measured(x, w), x @ w)
     assert Slow.calls == before + 1

@@ -23,7 +23,8 @@ from .approximator import (
     LayerStats,
     Params,
 )
-from .backends import Backend, MeasuredBackend, TritonKernelBackend, triton_interpreted
+from .backends import (Backend, MeasuredBackend, TritonKernelBackend, graph_capturing,
+                       triton_interpreted)
 from .calibration import call_model, collect_stats
 from .checkpoint import load, load_record, read_manifest, save, save_record, write_atomic
 from .errors import CheckpointError, CompressionError, LayerzipError, PluginError, SpecError
@@ -54,7 +55,8 @@ __all__ = [
     "LaunchCache", "LayerStats", "LayerzipError", "LinearAdapter", "MeasuredBackend", "Params", "PivotStrategy", "Plan",
     "PlannedLayer", "PluginError", "Registry", "Report", "Rule", "Spec", "SpecError",
     "WeightView", "__version__", "cache_dir", "call_model", "cdiv", "collect_stats", "compress", "get_approximator",
-    "get_backend", "get_pivot_strategy", "get_registry", "hookimpl", "json_schema", "load",
+    "get_backend", "get_pivot_strategy", "get_registry", "graph_capturing", "hookimpl",
+    "json_schema", "load",
     "load_record", "plan", "read_manifest", "reset_registry", "save", "save_record",
     "validate_params", "WeightCache", "write_atomic",
 ]

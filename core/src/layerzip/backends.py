@@ -105,8 +105,10 @@ def _graph_seconds(fn) -> float | None:
         return None
 
 
-def _capturing() -> bool:
-    """Whether the current CUDA stream is capturing a graph (False without CUDA)."""
+def graph_capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False without CUDA): what a
+    backend asks before work that synchronizes with the host (timing, building a packed or
+    quantized form of the weights), which would break the capture."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
@@ -162,7 +164,7 @@ class MeasuredBackend(Backend):
         t = x.numel() // max(x.shape[-1], 1)
         key = (x.device, x.dtype, 1 << max(0, (t - 1).bit_length()), grad,
                *self.shape_key(x, *args))
-        if _capturing():
+        if graph_capturing():
             # timing synchronizes, which would break the capture: the choice measured for
             # graphs serves, or, before any measurement, the highest-priority candidate
             best = self.graph_choices.get(key) or self.candidates(x, grad)[0]

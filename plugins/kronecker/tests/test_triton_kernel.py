@@ -160,7 +160,7 @@ def test_entry_residual_is_packed_outside_graph_captures(monkeypatch):
                         lambda *args, **kw: kernel_calls.append(1) or real(*args, **kw))
     be = TritonKronBackend()
     for capturing, packed, by_kernel in ((True, 0, False), (False, 1, True), (True, 1, True)):
-        monkeypatch.setattr(plugin, "_capturing", lambda x, c=capturing: c)
+        monkeypatch.setattr(plugin, "graph_capturing", lambda c=capturing: c)
         kernel_calls.clear()
         out = be(x, a, b, idx, val, bias)
         assert len(be._packed) == packed and bool(kernel_calls) == by_kernel

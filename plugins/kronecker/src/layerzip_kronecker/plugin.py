@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 import layerzip
-from layerzip import Backend, MeasuredBackend, TritonKernelBackend, WeightCache
+from layerzip import (Backend, MeasuredBackend, TritonKernelBackend, WeightCache,
+                      graph_capturing)
 
 from .method import Kronecker
 from .module import OP, add_residual_and_bias, kron_matmul_reference
@@ -21,11 +22,8 @@ class TorchKronBackend(Backend):
         return kron_matmul_reference(x, a, b, res_idx, res_val, bias)
 
 
-def _capturing(x) -> bool:
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
 def _pack_entries(res_val, res_idx, *, m, n):
+    # keyed by res_val (the parameter; res_idx is a buffer beside it)
     from .residual_kernel import pack_entry_residual
 
     return pack_entry_residual(res_idx, res_val, m, n)
@@ -66,7 +64,7 @@ class TritonKronBackend(TritonKernelBackend):
                 shape = {"m": y.shape[1], "n": x2.shape[1]}
                 # packing synchronizes with the host: not while a CUDA graph is captured,
                 # where a residual not packed yet takes the (capturable) torch form below
-                packed = (self._packed.peek(res_val, res_idx, **shape) if _capturing(x)
+                packed = (self._packed.peek(res_val, res_idx, **shape) if graph_capturing()
                           else self._packed(res_val, res_idx, **shape))
                 if packed is not None:
                     y = add_entry_residual_(y, x2, packed, bias)
