@@ -174,7 +174,7 @@ DECODE_SIGNATURE = {
 def test_fused_dependent_launch_compiles_for_hopper(vfirst, m):
     # the fused kernel only runs on a GPU: compile it for sm_90 here (the tiles of
     # 4096→m, r = 256, T = 16 on 132 SMs). Both weight tiles are read before the kernel waits
-    # on the one before it — in either order — and nothing spills.
+    # on the one before it, V's first with vfirst, and nothing spills.
     pytest.importorskip("triton")
     from layerzip.testing import compile_ptx
 
@@ -192,6 +192,36 @@ def test_fused_dependent_launch_compiles_for_hopper(vfirst, m):
                       divisible=("x_ptr", "v_ptr", "u_ptr", "b_ptr", "h_ptr", "y_ptr", "T",
                                  "N_IN", "M_OUT", "R", "N_UNITS", "sxt", "svn", "sum_", "syt"))
     before_wait = ptx[:ptx.index("griddepcontrol.wait")]
-    weight_loads = before_wait.count("ld.global")
-    assert weight_loads >= 2, "the weight tiles are not read before the wait"
+    order = "".join(_load_sources(before_wait, {"1": "V", "2": "U"}))
+    # every thread's 16-byte loads of its V tile (KC × BR) and U tile (RP × BN) come before
+    # the wait, in the order asked for
+    per_thread = p["warps"] * 32 * 8
+    v, u = "V" * (p["KC"] * p["BR"] // per_thread), "U" * (p["RP"] * p["BN"] // per_thread)
+    assert order == (v + u if vfirst else u + v), order
     assert ".local" not in ptx
+
+
+def _load_sources(ptx: str, params: dict[str, str]) -> list[str]:
+    """For each global load in ``ptx``, the kernel parameter its address derives from (by
+    following the 64-bit registers that compute it back to an ld.param), named by
+    ``params`` (parameter index → name); '?' where none of them."""
+    import re
+
+    defs = {}
+    for line in ptx.splitlines():
+        m = re.match(r"\s*(?:@%p\d+\s+)?[\w.]+\s+(%rd\d+),\s*(.*);", line)
+        if m:
+            defs[m.group(1)] = m.group(2)
+
+    def origin(reg, depth=0):
+        d = defs.get(reg, "")
+        p = re.search(r"_param_(\d+)\]", d)
+        if p:
+            return params.get(p.group(1), "?")
+        for r in re.findall(r"%rd\d+", d) if depth < 16 else []:
+            if (o := origin(r, depth + 1)) != "?":
+                return o
+        return "?"
+
+    return [origin(re.search(r"\[\s*(%rd\d+)", line).group(1))
+            for line in ptx.splitlines() if "ld.global" in line]

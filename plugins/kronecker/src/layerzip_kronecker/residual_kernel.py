@@ -281,6 +281,8 @@ if triton is not None:
 
     _ENTRIES = LaunchCache(_entry_residual)
     _ENTRIES_PERSISTENT = LaunchCache(_entry_residual_persistent)
+    # the persistent kernel's scratch holds the largest token tile of any config
+    _MAX_BT = max(c.kwargs["BT"] for c in _entry_residual_persistent.configs)
 
 
 def add_entry_residual_(y: torch.Tensor, x2: torch.Tensor, packed: PackedResidual,
@@ -304,10 +306,8 @@ def add_entry_residual_(y: torch.Tensor, x2: torch.Tensor, packed: PackedResidua
     if persistent:
         g = _programs(x2.device)
         x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
-        # room for the largest token tile of any config (a config touches g · n · BT of it:
-        # 17 MB at n = 4096, BT = 16 on 132 SMs)
-        scratch = torch.empty(g * n * max(c.kwargs["BT"] for c in _configs()),
-                              device=x2.device, dtype=x2.dtype)
+        # a config touches g · n · BT of it: 17 MB at n = 4096, BT = 16 on 132 SMs
+        scratch = torch.empty(g * n * _MAX_BT, device=x2.device, dtype=x2.dtype)
         _ENTRIES_PERSISTENT(lambda meta: (min(g, cdiv(t, meta["BT"])),), x2, scratch, *shared,
                             *sizes, x2.stride(0), **meta, NC=TRANSPOSE_COLUMNS)
     else:

@@ -30,9 +30,10 @@ an elementwise op, no change (benchmarks/results/history/lowrank_decode_tune_ses
 Phase 2 may also run as its own dependent launch (``split``, a tuning option: measured no
 faster). ``vfirst`` (a tuning option, off; not yet measured) issues the first V tile's reads
 before the prefetched U tile's, since phase 1 needs them first and the memory system serves
-requests roughly in order (the compiled PTX keeps the source order, as read off it in
-session 8; tests/test_decode_kernel.py compiles both orders for sm_90). The next kernel can only start once every program of this one has started, so the
-barrier still finds all of them resident.
+requests roughly in order (the compiled PTX keeps the source order: tests/
+test_decode_kernel.py compiles both for sm_90 and reads the loads' order off the PTX). The next kernel can
+only start once every program of this one has started, so the barrier still finds all of
+them resident.
 
 All programs must be resident at once for the barrier: G = number of SMs, one small program each.
 Triton's CPU interpreter runs programs one after another, so there (and on request) the two
@@ -82,9 +83,10 @@ if triton is not None:
         rk = tl.arange(0, RP)
         cols0 = pid * TW + tl.arange(0, BN)
         cmask0 = (tl.arange(0, BN) < TW) & (cols0 < M_OUT)
+        u0_ptrs = u_ptr + cols0[None, :] * sum_ + rk[:, None] * sur
+        u0_mask = cmask0[None, :] & (rk[:, None] < R)
         if PREFETCH and not VFIRST:
-            u0 = tl.load(u_ptr + cols0[None, :] * sum_ + rk[:, None] * sur,
-                         mask=cmask0[None, :] & (rk[:, None] < R), other=0.0)
+            u0 = tl.load(u0_ptrs, mask=u0_mask, other=0.0)
         if PHASE != 2:
             # phase 1: h += x[:, chunk] @ V[chunk, rblock], one work unit at a time
             first_unit = pid
@@ -100,8 +102,7 @@ if triton is not None:
                 v0 = tl.load(v_ptr + ks0[:, None] * svn + rs0[None, :] * svr,
                              mask=has0 & (ks0[:, None] < N_IN) & (rs0[None, :] < R), other=0.0)
                 if PREFETCH and VFIRST:
-                    u0 = tl.load(u_ptr + cols0[None, :] * sum_ + rk[:, None] * sur,
-                                 mask=cmask0[None, :] & (rk[:, None] < R), other=0.0)
+                    u0 = tl.load(u0_ptrs, mask=u0_mask, other=0.0)
                 tl.extra.cuda.gdc_wait()
                 tl.extra.cuda.gdc_launch_dependents()
                 x0 = tl.load(x_ptr + rows[:, None] * sxt + ks0[None, :] * sxn,
@@ -260,8 +261,8 @@ def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
     """y = (x @ v) @ uᵀ + bias for x with at most 64 rows (over its last dimension). ``fused``
     (default: on a GPU) runs both phases in one launch with a grid barrier; otherwise two.
     ``tiles`` overrides tile sizes and options ({"br", "kc", "bn", "bk2", "warps", "prefetch",
-    "pdl", "split", "tw", "vfirst"}; for tuning). ``pdl``: launch as a programmatic dependent launch
-    (compute capability ≥ 9; ignored elsewhere and on the two-launch path)."""
+    "pdl", "split", "tw", "vfirst"}; for tuning). ``pdl``: launch as a programmatic dependent
+    launch (compute capability ≥ 9; ignored elsewhere and on the two-launch path)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     lead = x.shape[:-1]
@@ -299,6 +300,5 @@ def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
         for phase in (1, 2):
             _DECODE((g,), *args, HAS_BIAS=bias is not None, PHASE=phase,
                     PREFETCH=p["PREFETCH"] and phase == 2, PDL=False, ZERO_H=False,
-                    VFIRST=False, **meta,
-                    num_warps=p["warps"])
+                    VFIRST=False, **meta, num_warps=p["warps"])
     return y.reshape(*lead, m)
