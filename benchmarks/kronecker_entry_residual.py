@@ -31,7 +31,9 @@ from layerzip_kronecker.residual_kernel import (
     pack_entry_residual,
 )
 
-GRID = [(bt, warps) for bt in (8, 16, 32) for warps in (2, 4, 8)]
+GRID = [(bt, warps, False) for bt in (8, 16, 32) for warps in (2, 4, 8)]
+# xᵀ by token tiles (T/BT, n, BT): a program's tile is contiguous, its L1 lines used whole
+TILED_GRID = [(bt, warps, True) for bt in (8, 16, 32) for warps in (1, 2, 4, 8)]
 
 
 def pattern(m: int, n: int, nnz: int, skewed: bool, g: torch.Generator) -> torch.Tensor:
@@ -41,6 +43,12 @@ def pattern(m: int, n: int, nnz: int, skewed: bool, g: torch.Generator) -> torch
     rows = torch.cat([hot[torch.randint(0, hot.numel(), (nnz // 2,), generator=g)],
                       torch.randint(0, m, (nnz - nnz // 2,), generator=g)])
     return (rows * n + torch.randint(0, n, (nnz,), generator=g)).unique()
+
+
+def tiled(x: torch.Tensor, bt: int) -> torch.Tensor:
+    """xᵀ by token tiles: (T/BT, n, BT), T a multiple of BT."""
+    t, n = x.shape
+    return x.view(t // bt, bt, n).transpose(1, 2).contiguous()
 
 
 def gpu_ms(fn) -> float:
@@ -60,6 +68,9 @@ def main() -> None:
     wake_gpu()
     rows = [{"case": "dense layer x Wᵀ", "ms": gpu_ms(lambda: x @ w.t())}]
     rows.append({"case": "transpose x (xᵀ contiguous)", "ms": gpu_ms(lambda: x.t().contiguous())})
+    for bt in (8, 16, 32):
+        rows.append({"case": f"transpose x by token tiles of {bt} (torch)",
+                     "ms": gpu_ms(lambda bt=bt: tiled(x, bt))})
     for skewed in (False, True):
         flat = pattern(m, n, int(0.01 * m * n), skewed, g)
         idx = flat.cuda().to(torch.int32)
@@ -82,14 +93,16 @@ def main() -> None:
                      "ms": gpu_ms(lambda: add_entry_residual_(yp, x, packed, persistent=True)),
                      "rel_error": err, "best_config": str(_entry_residual_persistent.best_config)})
         xt = x.t().contiguous()
-        for bt, warps in GRID:
-            def call(bt=bt, warps=warps, y=y):
+        xtt = {bt: tiled(x, bt) for bt in (8, 16, 32)}
+        for bt, warps, tile in GRID + TILED_GRID:
+            def call(bt=bt, warps=warps, tile=tile, y=y):
                 _entry_residual.fn[(cdiv(t, bt),)](
-                    xt, packed.cols, packed.vals, packed.offsets, packed.widths,
+                    xtt[bt] if tile else xt, packed.cols, packed.vals, packed.offsets, packed.widths,
                     packed.lane_rows, packed.slice_rows, y, y, t, 1 << (t - 1).bit_length(),
                     m, n, packed.n_slices, packed.n_regular, packed.n_multi, HAS_BIAS=False,
-                    SR=SLICE_ROWS, KU=UNROLL, BT=bt, num_warps=warps)
-            case = f"{name}: kernel given xᵀ, BT={bt} warps={warps}"
+                    SR=SLICE_ROWS, KU=UNROLL, BT=bt, TILED=tile, num_warps=warps)
+            layout = "xᵀ by token tiles" if tile else "xᵀ"
+            case = f"{name}: kernel given {layout}, BT={bt} warps={warps}"
             try:
                 once = y0.clone()
                 call(y=once)  # checked before timing adds more

@@ -244,11 +244,19 @@ if triton is not None:
     def _entry_residual(xt_ptr, cols_ptr, vals_ptr, off_ptr, width_ptr, lane_rows_ptr,
                         slice_rows_ptr, b_ptr, y_ptr, T, T_BUCKET, M, N, N_SLICES, N_REGULAR,
                         N_MULTI, HAS_BIAS: tl.constexpr, SR: tl.constexpr, KU: tl.constexpr,
-                        BT: tl.constexpr):
-        """One token tile per program, from xᵀ (n × T) made by the caller."""
+                        BT: tl.constexpr, TILED: tl.constexpr = False):
+        """One token tile per program, from xᵀ (n × T) made by the caller; ``TILED``: from
+        xᵀ by token tiles (T/BT, n, BT), so that a tile is contiguous — each L1 line of it
+        is used whole, where xᵀ's rows use 2·BT bytes of each line they touch."""
         t0 = tl.program_id(0) * BT
         rt = tl.arange(0, BT)
-        _tile_residual(xt_ptr + t0 + rt, T, cols_ptr, vals_ptr, off_ptr, width_ptr,
+        if TILED:
+            x_tile = xt_ptr + tl.program_id(0).to(tl.int64) * N * BT + rt
+            x_stride = BT
+        else:
+            x_tile = xt_ptr + t0 + rt
+            x_stride = T
+        _tile_residual(x_tile, x_stride, cols_ptr, vals_ptr, off_ptr, width_ptr,
                        lane_rows_ptr, slice_rows_ptr, b_ptr, y_ptr, t0, (t0 + rt) < T, M,
                        N_SLICES, N_REGULAR, N_MULTI, HAS_BIAS, SR, KU, BT)
 
