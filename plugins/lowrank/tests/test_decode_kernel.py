@@ -48,17 +48,15 @@ def test_matches_reference(fused, dtype, t, n, m, r, bias):
 
 @pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("bn", [16, 32])
-@pytest.mark.parametrize("vfirst", [0, 1])
 @pytest.mark.parametrize("t,n,m,r,bias", [
     (3, 96, 80, 24, True),     # r not a power of two: U's rows beyond r are masked
     (16, 256, 200, 64, False),  # more output tiles than programs: some take a second tile
 ])
-def test_prefetched_first_tile_matches_reference(fused, bn, vfirst, t, n, m, r, bias):
-    # the first output tile of U is loaded before phase 1 (on the fused dependent launch,
-    # with vfirst, after the first V tile); later tiles the ordinary way
+def test_prefetched_first_tile_matches_reference(fused, bn, t, n, m, r, bias):
+    # the first output tile of U is loaded before phase 1; later tiles the ordinary way
     x, u, v, b = case(t, n, m, r, torch.float16, bias, seed=t + m)
     out = lowrank_decode(x, u, v, b, fused=fused,
-                         tiles={"prefetch": 1, "bn": bn, "vfirst": vfirst})
+                         tiles={"prefetch": 1, "bn": bn})
     assert rel_error(out, x, u, v, b) < 1e-2
 
 
@@ -119,15 +117,14 @@ def test_fused_kernel_replays_from_a_cuda_graph():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="programmatic dependent launch: a GPU (sm_90) feature")
-@pytest.mark.parametrize("mode", [{"split": 0}, {"split": 0, "vfirst": 1}, {"split": 1}],
-                         ids=["one_launch", "one_launch_v_first", "split_launches"])
+@pytest.mark.parametrize("mode", [{"split": 0}, {"split": 1}],
+                         ids=["one_launch", "split_launches"])
 @pytest.mark.parametrize("graphed", [False, True])
 def test_dependent_launches_wait_for_the_layer_before(graphed, mode):
     # a chain of layers, each launched while the previous may still run (pdl): every layer
     # reads the previous one's output and shares its scratch, so a missing wait shows as wrong
     # numbers; eager and replayed from a CUDA graph. With split, phase 2 is its own dependent
-    # launch that must wait for phase 1 (h) and leave h zeroed for the next layer. With
-    # vfirst, the prefetched U tile is read after the first V tile, still before the wait.
+    # launch that must wait for phase 1 (h) and leave h zeroed for the next layer.
     n, r, depth = 512, 64, 6
     x = torch.randn(16, n, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
     layers = [case(16, n, n, r, torch.bfloat16, seed=i)[1:] for i in range(depth)]
@@ -165,28 +162,25 @@ DECODE_SIGNATURE = {
                           "sxt", "svn", "sum_", "syt")},
     # unit strides: the launcher specializes an integer argument equal to 1 as a constant
     **{p: "constexpr" for p in ("sxn", "svr", "sur", "sym", "HAS_BIAS", "PHASE", "BT", "KC",
-                                "BR", "BN", "BK2", "RP", "PREFETCH", "PDL", "ZERO_H",
-                                "VFIRST")}}
+                                "BR", "BN", "BK2", "RP", "PREFETCH", "PDL", "ZERO_H")}}
 
 
-@pytest.mark.parametrize("vfirst", [False, True])
 @pytest.mark.parametrize("m", [11008, 4096])
-def test_fused_dependent_launch_compiles_for_hopper(vfirst, m):
+def test_fused_dependent_launch_compiles_for_hopper(m):
     # the fused kernel only runs on a GPU: compile it for sm_90 here (the tiles of
     # 4096→m, r = 256, T = 16 on 132 SMs). Both weight tiles are read before the kernel waits
-    # on the one before it, V's first with vfirst, and nothing spills.
+    # on the one before it (the prefetched U tile first, then V's), and nothing spills.
     pytest.importorskip("triton")
     from layerzip.testing import compile_ptx
 
     from layerzip_lowrank.decode_kernel import plan
 
-    p = plan(16, 4096, m, 256, 132, vfirst=int(vfirst))
-    assert p["VFIRST"] is vfirst and p["PREFETCH"]
+    p = plan(16, 4096, m, 256, 132)
+    assert p["PREFETCH"]
     ptx = compile_ptx("layerzip_lowrank.decode_kernel", "_decode_kernel", DECODE_SIGNATURE,
                       {"HAS_BIAS": True, "PHASE": 0, "PDL": True, "ZERO_H": True, "sxn": 1,
                        "svr": 1, "sur": 1, "sym": 1,
-                       **{k: p[k] for k in ("BT", "KC", "BR", "BN", "BK2", "RP", "PREFETCH",
-                                            "VFIRST")}},
+                       **{k: p[k] for k in ("BT", "KC", "BR", "BN", "BK2", "RP", "PREFETCH")}},
                       num_warps=p["warps"],
                       # what the launcher marks as multiples of 16 at this shape
                       divisible=("x_ptr", "v_ptr", "u_ptr", "b_ptr", "h_ptr", "y_ptr", "T",
@@ -194,10 +188,10 @@ def test_fused_dependent_launch_compiles_for_hopper(vfirst, m):
     before_wait = ptx[:ptx.index("griddepcontrol.wait")]
     order = "".join(_load_sources(before_wait, {"1": "V", "2": "U"}))
     # every thread's 16-byte loads of its V tile (KC × BR) and U tile (RP × BN) come before
-    # the wait, in the order asked for
+    # the wait, U's (issued first in the source) first
     per_thread = p["warps"] * 32 * 8
     v, u = "V" * (p["KC"] * p["BR"] // per_thread), "U" * (p["RP"] * p["BN"] // per_thread)
-    assert order == (v + u if vfirst else u + v), order
+    assert order == u + v, order
     assert ".local" not in ptx
 
 

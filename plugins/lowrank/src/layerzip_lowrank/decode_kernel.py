@@ -28,11 +28,9 @@ likewise. Only a previous kernel that allows it overlaps (ours do; torch's eleme
 do not): back to back, a layer takes 7.2 instead of 9.1 µs at 4096→11008 on the H100; after
 an elementwise op, no change (benchmarks/results/history/lowrank_decode_tune_session6_pdl.md).
 Phase 2 may also run as its own dependent launch (``split``, a tuning option: measured no
-faster). ``vfirst`` (a tuning option, off; not yet measured) issues the first V tile's reads
-before the prefetched U tile's, since phase 1 needs them first and the memory system serves
-requests roughly in order (the compiled PTX keeps the source order: tests/
-test_decode_kernel.py compiles both for sm_90 and reads the loads' order off the PTX). The next kernel can
-only start once every program of this one has started, so the barrier still finds all of
+faster). Issuing the first V tile's reads before the prefetched U tile's (phase 1 needs V
+first) measured no faster either, and was dropped (session 9, commit 5e9c9c3 has it;
+benchmarks/results/lowrank_decode_tune_vfirst.md). The next kernel can only start once every program of this one has started, so the barrier still finds all of
 them resident.
 
 All programs must be resident at once for the barrier: G = number of SMs, one small program each.
@@ -70,23 +68,20 @@ if triton is not None:
         sxt, sxn, svn, svr, sum_, sur, syt, sym,
         HAS_BIAS: tl.constexpr, PHASE: tl.constexpr, BT: tl.constexpr, KC: tl.constexpr,
         BR: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr, RP: tl.constexpr,
-        PREFETCH: tl.constexpr, PDL: tl.constexpr, ZERO_H: tl.constexpr, VFIRST: tl.constexpr,
+        PREFETCH: tl.constexpr, PDL: tl.constexpr, ZERO_H: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rows = tl.arange(0, BT)
         rmask = rows < T
         # this program's first output tile of U does not depend on h: with PREFETCH it is
         # loaded before phase 1, so its reads overlap phase 1 and the barrier instead of
-        # following them (a program without a tile masks every lane and loads nothing).
-        # VFIRST (the host sets it only for the fused dependent launch) issues the first V
-        # tile's reads before it: phase 1 needs them first.
+        # following them (a program without a tile masks every lane and loads nothing)
         rk = tl.arange(0, RP)
         cols0 = pid * TW + tl.arange(0, BN)
         cmask0 = (tl.arange(0, BN) < TW) & (cols0 < M_OUT)
-        u0_ptrs = u_ptr + cols0[None, :] * sum_ + rk[:, None] * sur
-        u0_mask = cmask0[None, :] & (rk[:, None] < R)
-        if PREFETCH and not VFIRST:
-            u0 = tl.load(u0_ptrs, mask=u0_mask, other=0.0)
+        if PREFETCH:
+            u0 = tl.load(u_ptr + cols0[None, :] * sum_ + rk[:, None] * sur,
+                         mask=cmask0[None, :] & (rk[:, None] < R), other=0.0)
         if PHASE != 2:
             # phase 1: h += x[:, chunk] @ V[chunk, rblock], one work unit at a time
             first_unit = pid
@@ -101,8 +96,6 @@ if triton is not None:
                 has0 = pid < N_UNITS
                 v0 = tl.load(v_ptr + ks0[:, None] * svn + rs0[None, :] * svr,
                              mask=has0 & (ks0[:, None] < N_IN) & (rs0[None, :] < R), other=0.0)
-                if PREFETCH and VFIRST:
-                    u0 = tl.load(u0_ptrs, mask=u0_mask, other=0.0)
                 tl.extra.cuda.gdc_wait()
                 tl.extra.cuda.gdc_launch_dependents()
                 x0 = tl.load(x_ptr + rows[:, None] * sxt + ks0[None, :] * sxn,
@@ -217,14 +210,12 @@ def _scratch_for(device: torch.device, bt: int, rp: int, g: int, fused: bool):
 @functools.lru_cache(maxsize=1024)
 def plan(t: int, n: int, m: int, r: int, g: int, br: int = 0, kc: int = 0, bn: int = 0,
          bk2: int = 0, warps: int = 4, prefetch: int | None = None, pdl: int = 1,
-         split: int = 0, tw: int = 0, vfirst: int = 0) -> dict:
+         split: int = 0, tw: int = 0) -> dict:
     """Tile sizes for T = t rows: about one phase-1 unit and one phase-2 tile per program.
     Nonzero br/kc/bn/bk2 override the heuristic, prefetch/pdl the defaults
     (benchmarks/lowrank_decode_tune.py). ``split``: the two phases as two dependent launches
     (the launch boundary replaces the grid barrier; needs pdl). ``tw``: output tiles of tw
-    columns inside blocks of the next power of two (default ⌈m / G⌉: one tile per program).
-    ``vfirst``: on the fused dependent launch, issue the first V tile's reads before the
-    prefetched U tile's."""
+    columns inside blocks of the next power of two (default ⌈m / G⌉: one tile per program)."""
     # measured on the H100 (benchmarks/results/lowrank_decode_tune*.md): r blocks of 64 and
     # about one phase-1 unit per program
     br = br or _clamp_pow2(r, 16, 64)
@@ -251,8 +242,7 @@ def plan(t: int, n: int, m: int, r: int, g: int, br: int = 0, kc: int = 0, bn: i
     return {"BT": max(16, _next_pow2(t)), "KC": kc, "BR": br, "BN": bn, "BK2": bk2,
             "RP": rp, "N_RB": n_rb, "N_UNITS": cdiv(n, kc) * n_rb,
             "N_TILES": cdiv(m, tw), "TW": tw, "warps": warps, "PREFETCH": bool(prefetch),
-            "PDL": bool(pdl), "SPLIT": bool(split and pdl),
-            "VFIRST": bool(vfirst and pdl and prefetch and not split)}
+            "PDL": bool(pdl), "SPLIT": bool(split and pdl)}
 
 
 def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
@@ -261,7 +251,7 @@ def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
     """y = (x @ v) @ uᵀ + bias for x with at most 64 rows (over its last dimension). ``fused``
     (default: on a GPU) runs both phases in one launch with a grid barrier; otherwise two.
     ``tiles`` overrides tile sizes and options ({"br", "kc", "bn", "bk2", "warps", "prefetch",
-    "pdl", "split", "tw", "vfirst"}; for tuning). ``pdl``: launch as a programmatic dependent
+    "pdl", "split", "tw"}; for tuning). ``pdl``: launch as a programmatic dependent
     launch (compute capability ≥ 9; ignored elsewhere and on the two-launch path)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -288,17 +278,16 @@ def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
             # phase 1, then phase 2 as a dependent launch: it reads its U tile while phase 1
             # runs and waits for that kernel instead of a grid barrier; it leaves h zeroed
             _DECODE((g,), *args, HAS_BIAS=bias is not None, PHASE=1, PREFETCH=False,
-                    PDL=True, ZERO_H=False, VFIRST=False, **meta, num_warps=p["warps"], **pdl)
+                    PDL=True, ZERO_H=False, **meta, num_warps=p["warps"], **pdl)
             _DECODE((g,), *args, HAS_BIAS=bias is not None, PHASE=2, PREFETCH=p["PREFETCH"],
-                    PDL=True, ZERO_H=True, VFIRST=False, **meta, num_warps=p["warps"], **pdl)
+                    PDL=True, ZERO_H=True, **meta, num_warps=p["warps"], **pdl)
         else:
             _DECODE((g,), *args, HAS_BIAS=bias is not None, PHASE=0, PREFETCH=p["PREFETCH"],
-                    PDL=bool(pdl), ZERO_H=True, VFIRST=p["VFIRST"] and bool(pdl), **meta,
-                    num_warps=p["warps"], **pdl)
+                    PDL=bool(pdl), ZERO_H=True, **meta, num_warps=p["warps"], **pdl)
     else:
         h[: p["BT"] * p["RP"]].zero_()
         for phase in (1, 2):
             _DECODE((g,), *args, HAS_BIAS=bias is not None, PHASE=phase,
-                    PREFETCH=p["PREFETCH"] and phase == 2, PDL=False, ZERO_H=False,
-                    VFIRST=False, **meta, num_warps=p["warps"])
+                    PREFETCH=p["PREFETCH"] and phase == 2, PDL=False, ZERO_H=False, **meta,
+                    num_warps=p["warps"])
     return y.reshape(*lead, m)
