@@ -29,9 +29,9 @@ do not): back to back, a layer takes 7.2 instead of 9.1 µs at 4096→11008 on t
 an elementwise op, no change (benchmarks/results/history/lowrank_decode_tune_session6_pdl.md).
 Phase 2 may also run as its own dependent launch (``split``, a tuning option: measured no
 faster). Issuing the first V tile's reads before the prefetched U tile's (phase 1 needs V
-first) measured no faster either, and was dropped (session 9, commit 5e9c9c3 has it;
-benchmarks/results/lowrank_decode_tune_vfirst.md). The next kernel can only start once every program of this one has started, so the barrier still finds all of
-them resident.
+first) measured 0.1-0.7 µs slower and was dropped (commit 5e9c9c3 has it;
+benchmarks/results/lowrank_decode_tune_vfirst.md). The next kernel can only start once every
+program of this one has started, so the barrier still finds all of them resident.
 
 All programs must be resident at once for the barrier: G = number of SMs, one small program each.
 Triton's CPU interpreter runs programs one after another, so there (and on request) the two
