@@ -138,35 +138,6 @@ def test_config_pruning_keeps_tiles_that_fit(monkeypatch):
     assert kept(fp32, 512) == {(1, 8)}
 
 
-def test_entry_residual_is_packed_outside_graph_captures(monkeypatch):
-    # packing synchronizes with the host, which would break a CUDA-graph capture: while
-    # capturing, a residual not packed yet goes the torch way, and one packed before is used
-    import layerzip_kronecker.plugin as plugin
-
-    g = torch.Generator().manual_seed(11)
-    x = torch.randn(7, 64, generator=g).to(DEVICE)
-    a = torch.randn(1, 8, 8, generator=g).to(DEVICE)
-    b = torch.randn(1, 8, 8, generator=g).to(DEVICE)
-    idx = torch.randperm(64 * 64, generator=g)[:200].sort().values.to(DEVICE, torch.int32)
-    val = torch.randn(200, generator=g).to(DEVICE)
-    bias = torch.randn(64, generator=g).to(DEVICE)
-    want = kron_matmul_reference(x.double(), a.double(), b.double(), idx, val.double(),
-                                 bias.double())
-    import layerzip_kronecker.residual_kernel as residual_kernel
-
-    kernel_calls = []
-    real = residual_kernel.add_entry_residual_
-    monkeypatch.setattr(residual_kernel, "add_entry_residual_",
-                        lambda *args, **kw: kernel_calls.append(1) or real(*args, **kw))
-    be = TritonKronBackend()
-    for capturing, packed, by_kernel in ((True, 0, False), (False, 1, True), (True, 1, True)):
-        monkeypatch.setattr(plugin, "graph_capturing", lambda c=capturing: c)
-        kernel_calls.clear()
-        out = be(x, a, b, idx, val, bias)
-        assert len(be._packed) == packed and bool(kernel_calls) == by_kernel
-        assert float((out.double() - want).norm() / want.norm()) < 1e-5
-
-
 @pytest.mark.parametrize("r,tb", [(1, 1), (4, 2)])
 def test_forward_kernel_compiles_for_hopper_with_tensor_core_dots(r, tb):
     # the interpreter runs the kernel as Python; compiled for sm_90 (64×64 ⊗ 64×64, bf16, with

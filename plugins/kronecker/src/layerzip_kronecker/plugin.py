@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 import layerzip
-from layerzip import (Backend, MeasuredBackend, TritonKernelBackend, WeightCache,
-                      graph_capturing)
+from layerzip import Backend, MeasuredBackend, TritonKernelBackend
 
 from .method import Kronecker
 from .module import OP, add_residual_and_bias, kron_matmul_reference
@@ -22,18 +21,11 @@ class TorchKronBackend(Backend):
         return kron_matmul_reference(x, a, b, res_idx, res_val, bias)
 
 
-def _pack_entries(res_val, res_idx, *, m, n):
-    # keyed by res_val (the parameter; res_idx is a buffer beside it)
-    from .residual_kernel import pack_entry_residual
-
-    return pack_entry_residual(res_idx, res_val, m, n)
-
-
 class TritonKronBackend(TritonKernelBackend):
-    """The fused Triton kernel (triton_kernel.py); the residual (with the bias) by a kernel of
-    its own when no gradient is needed (residual_kernel.py for single entries, packed once
-    per version of the residual; add_block_residual_ for blocks), else in differentiable
-    torch."""
+    """The fused Triton kernel (triton_kernel.py); a residual of whole blocks by a kernel of
+    its own when no gradient is needed (add_block_residual_), else — and a residual of single
+    entries always — in torch (cuSPARSE CSR for single entries: a Triton gather kernel lost
+    to it, benchmarks/results/kronecker_entry_residual.md)."""
 
     op = OP
     name = "triton"
@@ -43,32 +35,19 @@ class TritonKronBackend(TritonKernelBackend):
     description = "tiled persistent Triton kernel: x read once, Σ Aₖ X Bₖᵀ as two tensor-core " \
                   "dots per token tile, y written once; differentiable (in-kernel dA, dB)"
 
-    def __init__(self):
-        self._packed = WeightCache(_pack_entries)
-
     def __call__(self, x, a, b, res_idx, res_val, bias):
-        from .residual_kernel import add_entry_residual_
         from .triton_kernel import add_block_residual_, kron_fused_autograd
 
         lead = x.shape[:-1]
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         y = kron_fused_autograd(x2, a, b)
-        residual = res_idx is not None and res_idx.numel() > 0
-        if residual and not (torch.is_grad_enabled() and any(
+        blocks = res_idx is not None and res_idx.numel() > 0 and res_val.dim() == 3
+        if blocks and not (torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x, a, b, res_val, bias))):
-            # in place on the fresh y; with gradients, the differentiable torch form below
-            if res_val.dim() == 3:  # blocks: a kernel of tensor-core dots
-                y = add_block_residual_(y, x2.contiguous(), res_idx, res_val)
-                res_idx = res_val = None
-            else:  # single entries: gathers from L1, bias fused
-                shape = {"m": y.shape[1], "n": x2.shape[1]}
-                # packing synchronizes with the host: not while a CUDA graph is captured,
-                # where a residual not packed yet takes the (capturable) torch form below
-                packed = (self._packed.peek(res_val, res_idx, **shape) if graph_capturing()
-                          else self._packed(res_val, res_idx, **shape))
-                if packed is not None:
-                    y = add_entry_residual_(y, x2, packed, bias)
-                    res_idx = res_val = bias = None
+            # in place on the fresh y, as tensor-core dots; with gradients, the
+            # differentiable torch form below
+            y = add_block_residual_(y, x2.contiguous(), res_idx, res_val)
+            res_idx = res_val = None
         return add_residual_and_bias(y, x2, res_idx, res_val, bias).reshape(*lead, -1)
 
 

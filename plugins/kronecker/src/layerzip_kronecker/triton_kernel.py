@@ -12,10 +12,9 @@ and stores row (i, t) as the contiguous run Y_t[i, :]. Both products are plain 2
 tensor-core dots of TB·64-wide tiles (the per-token 64 × 64 × 64 dots of the first version
 could not be pipelined), the x tile loads are pipelined across the persistent loop, and x is
 read and y written exactly once. Factor sizes are padded to powers of two ≥ 16 with masks.
-When no gradient is needed the residual is applied in place to the fresh y by a kernel of
-its own: whole blocks (``residual_structure: blocks``) by :func:`add_block_residual_` here,
-single entries (with the bias) by residual_kernel.py; with gradients, the reference's torch
-code adds them.
+When no gradient is needed a residual of whole blocks (``residual_structure: blocks``) is
+applied in place to the fresh y by :func:`add_block_residual_` here; with gradients, and for
+single entries, the reference's torch code adds it.
 
 Backward (:func:`kron_fused_autograd`): dX = Σₖ (Aₖᵀ ⊗ Bₖᵀ) dY is the forward kernel with
 transposed factors. dAₖ and dBₖ come from one more kernel that reads each X and dY tile once
