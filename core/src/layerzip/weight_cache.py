@@ -1,7 +1,7 @@
 """WeightCache: a kernel's own form of a module's weights (quantized, packed), built once.
 
 Backends receive a module's parameters on every call. Some need them in another form first —
-fp8 factors with their scales, a sparse residual packed for a gather kernel — which costs far
+fp8 factors with their scales, a sparse matrix in a kernel's packed layout — which costs far
 more than the call itself. A :class:`WeightCache` builds that form once per version of the
 weights and hands it back on later calls.
 """
