@@ -56,12 +56,7 @@ def main() -> None:
         for values in itertools.product(*GRID.values()):
             tiles = dict(zip(GRID, values, strict=True))
             with torch.no_grad():
-                try:
-                    out = lowrank_decode(x, u, v, b, tiles=tiles)
-                except ValueError as e:  # e.g. occ programs that cannot all be resident
-                    print(json.dumps({"shape": f"T={t} {n}→{m} r={r}", **tiles,
-                                      "skipped": str(e)}), flush=True)
-                    continue
+                out = lowrank_decode(x, u, v, b, tiles=tiles)
                 err = float((out.double() - ref).norm() / ref.norm())
                 timing = graph_time([lambda u=u_, v=v_, tiles=tiles:
                                      lowrank_decode(x, u, v, b, tiles=tiles) for u_, v_ in uvs],

@@ -184,32 +184,6 @@ def _pdl_capable(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-_RESIDENT: dict[tuple, int] = {}
-
-
-def _check_resident(args: tuple, kwargs: dict, occ: int, device: torch.device) -> None:
-    """The grid barrier waits for every program: with ``occ`` programs per SM all of them must
-    fit on an SM at once (registers, shared memory, threads), or the launch would hang. Read
-    off the compiled kernel (compiled, not run) once per launch signature."""
-    key = (str(device), args[0].dtype, tuple(sorted(kwargs.items())))
-    if key not in _RESIDENT:
-        compiled = _decode_kernel.warmup(*args, grid=(1,), **kwargs)
-        # a kernel never launched yet loads its binary (and learns its registers) here
-        getattr(compiled, "_init_handles", lambda: None)()
-        props = torch.cuda.get_device_properties(device)
-        threads = kwargs["num_warps"] * 32
-        regs = cdiv(compiled.n_regs, 8) * 8 * threads  # allocated per warp in steps of 8
-        smem = compiled.metadata.shared + 1024  # the driver reserves 1 KB per block
-        _RESIDENT[key] = min(
-            getattr(props, "regs_per_multiprocessor", 65536) // max(1, regs),
-            getattr(props, "shared_memory_per_multiprocessor", 233472) // smem,
-            getattr(props, "max_threads_per_multi_processor", 2048) // threads)
-    if _RESIDENT[key] < occ:
-        raise ValueError(f"decode tiles with occ={occ}: only {_RESIDENT[key]} program(s) of "
-                         f"this kernel fit on an SM at once, and the grid barrier needs all "
-                         f"of them resident; use occ ≤ {_RESIDENT[key]} or smaller tiles")
-
-
 @functools.lru_cache(maxsize=None)
 def _programs(device: torch.device) -> int:
     if device.type == "cuda":
@@ -234,19 +208,16 @@ def _scratch_for(device: torch.device, bt: int, rp: int, g: int, fused: bool):
 
 
 @functools.lru_cache(maxsize=1024)
-def plan(t: int, n: int, m: int, r: int, sms: int, br: int = 0, kc: int = 0, bn: int = 0,
+def plan(t: int, n: int, m: int, r: int, g: int, br: int = 0, kc: int = 0, bn: int = 0,
          bk2: int = 0, warps: int = 4, prefetch: int | None = None, pdl: int = 1,
-         split: int = 0, tw: int = 0, occ: int = 1) -> dict:
-    """Tile sizes for T = t rows on ``sms`` multiprocessors: about one phase-1 unit and one
-    phase-2 tile per program, G = ``occ`` programs per SM (default one; with more, all must
-    still be resident at once: :func:`lowrank_decode` checks that before it launches).
+         split: int = 0, tw: int = 0) -> dict:
+    """Tile sizes for T = t rows: about one phase-1 unit and one phase-2 tile per program.
     Nonzero br/kc/bn/bk2 override the heuristic, prefetch/pdl the defaults
     (benchmarks/lowrank_decode_tune.py). ``split``: the two phases as two dependent launches
     (the launch boundary replaces the grid barrier; needs pdl). ``tw``: output tiles of tw
     columns inside blocks of the next power of two (default ⌈m / G⌉: one tile per program)."""
     # measured on the H100 (benchmarks/results/lowrank_decode_tune*.md): r blocks of 64 and
     # about one phase-1 unit per program
-    g = sms * occ
     br = br or _clamp_pow2(r, 16, 64)
     n_rb = cdiv(r, br)
     kc = kc or _clamp_pow2(cdiv(n * n_rb, g), 32, 512)
@@ -271,7 +242,7 @@ def plan(t: int, n: int, m: int, r: int, sms: int, br: int = 0, kc: int = 0, bn:
     return {"BT": max(16, _next_pow2(t)), "KC": kc, "BR": br, "BN": bn, "BK2": bk2,
             "RP": rp, "N_RB": n_rb, "N_UNITS": cdiv(n, kc) * n_rb,
             "N_TILES": cdiv(m, tw), "TW": tw, "warps": warps, "PREFETCH": bool(prefetch),
-            "PDL": bool(pdl), "SPLIT": bool(split and pdl), "G": g, "OCC": occ}
+            "PDL": bool(pdl), "SPLIT": bool(split and pdl)}
 
 
 def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
@@ -280,7 +251,7 @@ def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
     """y = (x @ v) @ uᵀ + bias for x with at most 64 rows (over its last dimension). ``fused``
     (default: on a GPU) runs both phases in one launch with a grid barrier; otherwise two.
     ``tiles`` overrides tile sizes and options ({"br", "kc", "bn", "bk2", "warps", "prefetch",
-    "pdl", "split", "tw", "occ"}; for tuning). ``pdl``: launch as a programmatic dependent
+    "pdl", "split", "tw"}; for tuning). ``pdl``: launch as a programmatic dependent
     launch (compute capability ≥ 9; ignored elsewhere and on the two-launch path)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -292,8 +263,8 @@ def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"lowrank_decode takes at most {MAX_ROWS} rows, got {t}")
     if fused is None:
         fused = x.device.type == "cuda" and not triton_interpreted()
-    p = plan(t, n, m, r, _programs(x.device), **(tiles or {}))
-    g = p["G"]
+    g = _programs(x.device)
+    p = plan(t, n, m, r, g, **(tiles or {}))
     h, counter = _scratch_for(x.device, p["BT"], p["RP"], g, fused)
     y = torch.empty((t, m), device=x.device, dtype=x.dtype)
     args = (x2, v, u, bias if bias is not None else y, h, y, counter,
@@ -303,10 +274,6 @@ def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
     meta = {k: p[k] for k in ("BT", "KC", "BR", "BN", "BK2", "RP")}
     if fused:
         pdl = {"launch_pdl": True} if p["PDL"] and _pdl_capable(x.device) else {}
-        if p["OCC"] > 1 and not (pdl and p["SPLIT"]):
-            _check_resident(args, {"HAS_BIAS": bias is not None, "PHASE": 0,
-                                   "PREFETCH": p["PREFETCH"], "PDL": bool(pdl), "ZERO_H": True,
-                                   **meta, "num_warps": p["warps"], **pdl}, p["OCC"], x.device)
         if pdl and p["SPLIT"]:
             # phase 1, then phase 2 as a dependent launch: it reads its U tile while phase 1
             # runs and waits for that kernel instead of a grid barrier; it leaves h zeroed
