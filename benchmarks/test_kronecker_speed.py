@@ -13,6 +13,7 @@ CASES = [  # (T, (m1, n1), (m2, n2), rank, residual fraction[, residual structur
     (8192, (64, 64), (64, 64), 4, 0.0),
     (8192, (64, 64), (64, 64), 1, 0.01),
     (8192, (64, 64), (64, 64), 1, 0.01, "blocks"),  # 40 of the 4096 64×64 blocks
+    (8192, (64, 64), (64, 64), 1, 0.01, "columns"),  # 40 of the 4096 input columns
     (8192, (48, 24), (64, 32), 1, 0.0),   # GPT-2 c_fc: 3072×768
     (8192, (32, 24), (48, 24), 1, 0.0),   # SmolLM2 gate/up: 1536×576
 ]
@@ -34,6 +35,12 @@ def build(t, f1, f2, r, frac, device, dtype, seed=0, structure="entries"):
             p, q = divmod(blk, n1)
             w[p * m2:(p + 1) * m2, q * n2:(q + 1) * n2] += v
         return x, a, b, idx, val, w.to(dtype)
+    if structure == "columns":  # whole input columns: x[:, idx] valᵀ
+        k = int(frac * n)
+        idx = torch.randperm(n, generator=g)[:k].sort().values.to(device, torch.int32)
+        val = torch.randn(m, k, generator=g).to(device, dtype)
+        w[:, idx.long()] += val.float()
+        return x, a, b, idx, val, w.to(dtype)
     nnz = int(frac * m * n)
     idx = torch.randperm(m * n, generator=g)[:nnz].sort().values.to(device, torch.int32)
     val = torch.randn(nnz, generator=g).to(device, dtype)
@@ -44,7 +51,7 @@ def build(t, f1, f2, r, frac, device, dtype, seed=0, structure="entries"):
 
 def _case_id(c):
     return "T{}_{}x{}_r{}_res{}{}".format(c[0], c[1][0] * c[2][0], c[1][1] * c[2][1], c[3], c[4],
-                                          "_blocks" if c[5:] == ("blocks",) else "")
+                                          f"_{c[5]}" if c[5:] else "")
 
 
 def _graph_time(fn, benchmark, rounds=30):

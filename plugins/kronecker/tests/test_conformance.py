@@ -30,3 +30,15 @@ class TestKroneckerBlockResidual(ApproximatorConformance):
                    "residual_structure": "blocks"}
     bad_params = [{"residual_structure": "rows"}]
     check_compile = False  # covered by TestKronecker
+
+
+class TestKroneckerColumnResidual(ApproximatorConformance):
+    method = "kronecker"
+    # a residual of whole input columns (48 values each; 48×32 has 32 of them)
+    budgets = [{"factors": [[6, 4], [8, 8]], "rank": 4, "residual_fraction": f,
+                "residual_structure": "columns"} for f in (0.1, 0.3, 0.6)]
+    # every column kept (32 · (48 values + 1 index)): the residual alone makes it exact
+    full_budget = {"factors": [[6, 4], [8, 8]], "rank": 1, "residual_params": 32 * 49,
+                   "residual_structure": "columns"}
+    bad_params = [{"residual_structure": "rows"}]
+    check_compile = False  # covered by TestKronecker

@@ -197,9 +197,47 @@ def test_block_residual_keeps_whole_blocks_by_energy_within_budget():
     assert m.res_idx.numel() == 2
 
 
+def test_column_residual_keeps_whole_input_columns_by_score_within_budget():
+    # outlier input features: the residual's columns with the most (score-weighted) energy
+    w = torch.randn(24, 16, generator=torch.Generator().manual_seed(14))
+    w[:, [3, 11]] *= 6  # two outlier input columns
+    factors = [[4, 4], [6, 4]]
+    base = fit(w, factors=factors, rank=1)
+    m = fit(w, factors=factors, rank=1, residual_fraction=0.2, residual_structure="columns")
+    k = int(0.2 * w.numel() / 24)  # whole columns of 24 values
+    assert m.res_idx.shape == (k,) and m.res_val.shape == (24, k)
+    assert m.fit_details["residual_nnz"] == k * 24
+    resid = w.double() - kron_sum(m.a.detach().double(), m.b.detach().double())
+    assert m.res_idx.tolist() == sorted(torch.topk(resid.square().sum(0), k).indices.tolist())
+    assert {3, 11} <= set(m.res_idx.tolist())
+    err = w.double() - m.dense_weight().double()
+    assert float(err[:, m.res_idx.long()].abs().max()) < 1e-6, "a kept column leaves no error"
+    assert m.fit_details["relative_error"] < base.fit_details["relative_error"]
+    assert m.fit_details["relative_error"] == pytest.approx(
+        float(err.norm() / w.double().norm()), rel=1e-5)
+    # residual_params: each column costs 24 values + one int32 index (float32: 1 unit)
+    m = fit(w, factors=factors, rank=1, residual_params=2 * 25 + 3, residual_structure="columns")
+    assert m.res_idx.numel() == 2
+
+
+def test_column_residual_by_activation_prefers_features_with_large_inputs():
+    # same residual energy in every column; calibration inputs make feature 5 the loudest
+    w = torch.randn(24, 16, generator=torch.Generator().manual_seed(15))
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(16))
+    x[:, 5] *= 30
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(w)
+    layerzip.compress(model, {"rules": [{"targets": ["0"], "method": "kronecker", "params": {
+        "factors": [[4, 4], [6, 4]], "rank": 1, "residual_params": 25,
+        "residual_structure": "columns", "residual_score": "activation"}}]},
+        calibration=[x], progress=False)
+    assert model[0].res_idx.tolist() == [5]
+
+
 def test_block_and_entry_residuals_agree_with_the_dense_layer_forward_and_backward():
     w = torch.randn(24, 16, generator=torch.Generator().manual_seed(13))
-    for structure in ("entries", "blocks"):
+    for structure in ("entries", "blocks", "columns"):
         m = fit(w, factors=[[4, 4], [6, 4]], rank=2, residual_fraction=0.25,
                 residual_structure=structure)
         x = torch.randn(3, 5, 16, requires_grad=True)
@@ -212,27 +250,30 @@ def test_block_and_entry_residuals_agree_with_the_dense_layer_forward_and_backwa
         dw = torch.einsum("...i,...j->ij", dy, x.detach())
         if structure == "blocks":
             want = rearrange(dw, 4, 4, 6, 4)[m.res_idx.long()].reshape(gv.shape)
+        elif structure == "columns":
+            want = dw[:, m.res_idx.long()]
         else:
             want = dw.reshape(-1)[m.res_idx.long()]
         torch.testing.assert_close(gv, want, rtol=1e-4, atol=1e-4)
 
 
-def test_block_residual_round_trips_through_save_and_load(tmp_path):
+@pytest.mark.parametrize("structure,dim", [("blocks", 3), ("columns", 2)])
+def test_structured_residual_round_trips_through_save_and_load(tmp_path, structure, dim):
     model = torch.nn.Sequential(torch.nn.Linear(16, 24))
     spec = {"rules": [{"targets": ["0"], "method": "kronecker",
                        "params": {"factors": [[4, 4], [6, 4]], "rank": 1,
-                                  "residual_fraction": 0.25, "residual_structure": "blocks"}}]}
+                                  "residual_fraction": 0.25, "residual_structure": structure}}]}
     layerzip.compress(model, spec)
     x = torch.randn(4, 16)
     ref = model(x)
     layerzip.save(model, tmp_path / "ck")
     fresh = torch.nn.Sequential(torch.nn.Linear(16, 24))
     layerzip.load(fresh, tmp_path / "ck")
-    assert fresh[0].residual_structure == "blocks" and fresh[0].res_val.dim() == 3
+    assert fresh[0].residual_structure == structure and fresh[0].res_val.dim() == dim
     torch.testing.assert_close(fresh(x), ref)
 
 
-@pytest.mark.parametrize("structure", ["entries", "blocks"])
+@pytest.mark.parametrize("structure", ["entries", "blocks", "columns"])
 def test_estimate_counts_what_is_stored_and_ratio_budgets_hold(structure):
     """The plan-time estimate of a residual (values + int32 indices, one per entry or per
     block) matches what the fitted module stores, in bytes; with `ratio` the whole layer

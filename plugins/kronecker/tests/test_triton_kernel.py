@@ -114,6 +114,30 @@ def test_block_residual_kernel_matches_the_torch_form(t, f1, f2, nb):
     torch.testing.assert_close(gv, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("t,f1,f2,k", [(37, (4, 3), (5, 6), 3), (20, (8, 4), (16, 16), 9)])
+def test_column_residual_matches_the_torch_form(t, f1, f2, k):
+    # whole input columns: one in-place product on the kernel's fresh y without gradients,
+    # the differentiable torch form with them
+    g = torch.Generator().manual_seed(k)
+    (m1, n1), (m2, n2) = f1, f2
+    x = torch.randn(t, n1 * n2, generator=g).to(DEVICE)
+    a = torch.randn(1, m1, n1, generator=g).to(DEVICE)
+    b = torch.randn(1, m2, n2, generator=g).to(DEVICE)
+    cols = torch.randperm(n1 * n2, generator=g)[:k].sort().values.to(DEVICE, torch.int32)
+    vals = torch.randn(m1 * m2, k, generator=g).to(DEVICE)
+    bias = torch.randn(m1 * m2, generator=g).to(DEVICE)
+    dense = torch.einsum("ij,ab->iajb", a[0].double(), b[0].double()).reshape(m1 * m2, -1)
+    dense[:, cols.long()] += vals.double()
+    want = x.double() @ dense.t() + bias.double()
+    with torch.no_grad():
+        out = TritonKronBackend()(x, a, b, cols, vals, bias)
+    assert float((out.double() - want).norm() / want.norm()) < 1e-5
+    vals.requires_grad_(True)
+    (gv,) = torch.autograd.grad(TritonKronBackend()(x, a, b, cols, vals, bias).sum(), vals)
+    (ref,) = torch.autograd.grad(kron_matmul_reference(x, a, b, cols, vals, bias).sum(), vals)
+    torch.testing.assert_close(gv, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_config_pruning_keeps_tiles_that_fit(monkeypatch):
     """The GPU autotuner's candidates (pruned per shape; the interpreter skips pruning)."""
     import triton

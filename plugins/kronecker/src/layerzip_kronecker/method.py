@@ -41,11 +41,14 @@ class KroneckerParams(Params):
         "residual budget in parameter units, counting each kept entry's int32 index honestly"))
     residual_score: Literal["magnitude", "activation"] = Field(default="magnitude", description=(
         "'magnitude' = |Rᵢⱼ|; 'activation' = |Rᵢⱼ|·‖xⱼ‖ from calibration inputs"))
-    residual_structure: Literal["entries", "blocks"] = Field(default="entries", description=(
-        "'entries' keeps the largest single entries (most accurate, slow on GPUs: gathers); "
-        "'blocks' keeps whole m2×n2 blocks of the factor grid — block (p, q) is E_pq ⊗ S_pq, "
-        "so the kernel applies it with tensor-core dots — chosen by their summed squared score, "
-        "each costing its m2·n2 values plus one int32 index"))
+    residual_structure: Literal["entries", "blocks", "columns"] = Field(
+        default="entries", description=(
+            "'entries' keeps the largest single entries (slow on GPUs: gathers); 'blocks' keeps "
+            "whole m2×n2 blocks of the factor grid — block (p, q) is E_pq ⊗ S_pq, so the kernel "
+            "applies it with tensor-core dots; 'columns' keeps whole input columns (outlier "
+            "input features), applied as a gather of those features and one tensor-core "
+            "product. Blocks and columns are chosen by their summed squared score and each "
+            "costs its values plus one int32 index"))
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -104,11 +107,16 @@ class Kronecker(Approximator):
         m, n = view.shape
         return (1 - (params.ratio or 0.0)) * m * n
 
+    @staticmethod
+    def _residual_unit(view: WeightView, params, m2: int, n2: int) -> int:
+        """Entries per residual index: 1 (entries), m2·n2 (blocks), out_features (columns)."""
+        return {"blocks": m2 * n2, "columns": view.shape[0]}.get(params.residual_structure, 1)
+
     def _residual_nnz(self, view: WeightView, params, block: int = 1) -> int:
-        """Kept residual entries; with blocks of `block` entries, a multiple of it (each block
-        costs `block` values + one index)."""
+        """Kept residual entries; with blocks (or columns) of `block` entries, a multiple of
+        it (each block costs `block` values + one index)."""
         m, n = view.shape
-        if params.residual_structure == "blocks":
+        if params.residual_structure != "entries":
             idx_cost = _index_cost(view.dtype) - 1
             if params.residual_fraction is not None:
                 return math.floor(params.residual_fraction * m * n / block) * block
@@ -125,7 +133,7 @@ class Kronecker(Approximator):
         """Parameter units the residual takes: values plus int32 indices (one per entry, or
         one per block)."""
         nnz = self._residual_nnz(view, params, block)
-        if params.residual_structure == "blocks":
+        if params.residual_structure != "entries":
             return nnz + (nnz // block) * (_index_cost(view.dtype) - 1)
         return nnz * _index_cost(view.dtype)
 
@@ -135,7 +143,8 @@ class Kronecker(Approximator):
             return min(params.rank or 1, cap)
         budget = self._budget(view, params)
         if params.residual_fraction is not None or params.residual_params is not None:
-            budget -= self._residual_cost(view, params, m2 * n2)
+            budget -= self._residual_cost(view, params,
+                                          self._residual_unit(view, params, m2, n2))
         return max(1, min(cap, math.floor(budget / (m1 * n1 + m2 * n2))))
 
     def _candidates(self, view: WeightView, params) -> list[tuple[int, int, int, int]]:
@@ -174,11 +183,12 @@ class Kronecker(Approximator):
     def estimate(self, view: WeightView, params) -> Estimate:
         m1, n1, m2, n2, r = self._choose(view, params)
         m, n = view.shape
-        nnz = self._residual_nnz(view, params, m2 * n2)
+        unit = self._residual_unit(view, params, m2, n2)
+        nnz = self._residual_nnz(view, params, unit)
         # vec trick per term: X Bᵀ costs 2·n1·n2·m2, A (X Bᵀ) costs 2·m1·n1·m2
         flops = r * 2 * (n1 * n2 * m2 + m1 * n1 * m2) + 2 * nnz
         return Estimate(kron_params(m1, n1, m2, n2, r)
-                        + math.ceil(self._residual_cost(view, params, m2 * n2))
+                        + math.ceil(self._residual_cost(view, params, unit))
                         + (m if view.bias is not None else 0), flops)
 
     # -- fitting ---------------------------------------------------------------------------
@@ -196,8 +206,9 @@ class Kronecker(Approximator):
             alpha = 1.0
         a = a * alpha
         resid = w - alpha * approx
-        blocks = params.residual_structure == "blocks"
-        nnz = min(self._residual_nnz(view, params, m2 * n2), w.numel())
+        structure = params.residual_structure
+        nnz = min(self._residual_nnz(view, params, self._residual_unit(view, params, m2, n2)),
+                  w.numel())
         idx = torch.zeros(0, dtype=torch.int64)
         vals = torch.zeros(0, dtype=torch.float64)
         kept = torch.zeros(0, dtype=torch.int64)  # flat entry indices, for the error below
@@ -209,7 +220,12 @@ class Kronecker(Approximator):
                     raise ValueError("residual_score 'activation' needs calibration inputs: "
                                      "pass calibration=... (or --calib FILE)")
                 score = score * stats.gram.diagonal().clamp_min(0).sqrt().to(score)[None, :]
-            if blocks:  # block (p, q) = rows p·m2…, columns q·n2…: row p·n1 + q of R(·)
+            if structure == "columns":  # whole input columns, by their summed squared score
+                idx = torch.topk(score.square().sum(0), nnz // w.shape[0]).indices.sort().values
+                vals = resid[:, idx]
+                kept = (torch.arange(w.shape[0])[:, None] * w.shape[1] + idx[None, :]).reshape(-1)
+            elif structure == "blocks":
+                # block (p, q) = rows p·m2…, columns q·n2…: row p·n1 + q of R(·)
                 energy = rearrange(score.square(), m1, n1, m2, n2).sum(1)
                 idx = torch.topk(energy, nnz // (m2 * n2)).indices.sort().values
                 vals = rearrange(resid, m1, n1, m2, n2)[idx].reshape(-1, m2, n2)

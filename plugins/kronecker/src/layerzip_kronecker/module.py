@@ -9,6 +9,7 @@ import layerzip
 from layerzip import ApproxModule
 
 OP = "kron_matmul"
+RESIDUAL_STRUCTURES = ("entries", "blocks", "columns")
 
 
 def kron_matmul_reference(x: Tensor, a: Tensor, b: Tensor, res_idx: Tensor | None,
@@ -45,13 +46,24 @@ def add_block_residual(y: Tensor, x2: Tensor, blocks: Tensor, values: Tensor,
     return y3.reshape(t, -1)
 
 
+def add_column_residual(y: Tensor, x2: Tensor, columns: Tensor, values: Tensor) -> Tensor:
+    """y (T, m) + x2[:, columns] valuesᵀ: whole input columns of the residual (values: m × k,
+    column i for input feature columns[i]) — a gather of k columns of x and one tensor-core
+    product. Differentiable in x2 and values."""
+    return y + x2.index_select(1, columns.long()) @ values.to(x2.dtype).t()
+
+
 def add_residual_and_bias(y: Tensor, x2: Tensor, res_idx: Tensor | None,
                           res_val: Tensor | None, bias: Tensor | None) -> Tensor:
     """y (T, m) + S x2 (T, n) + bias. S is the sparse residual: with res_val of shape (nnz,),
     single entries at sorted flat indices; with res_val of shape (nb, m2, n2), whole blocks of
-    the factor grid at block indices p·n1 + q (see :func:`add_block_residual`)."""
+    the factor grid at block indices p·n1 + q (see :func:`add_block_residual`); with res_val
+    of shape (m, k), whole input columns at sorted column indices."""
     n = x2.shape[-1]
-    if res_val is not None and res_val.dim() == 3:
+    if res_val is not None and res_val.dim() == 2:
+        if res_idx.numel():
+            y = add_column_residual(y, x2, res_idx, res_val)
+    elif res_val is not None and res_val.dim() == 3:
         if res_idx.numel():
             y = add_block_residual(y, x2, res_idx, res_val, n // res_val.shape[2])
     elif res_idx is not None and res_idx.numel():
@@ -77,15 +89,15 @@ def add_residual_and_bias(y: Tensor, x2: Tensor, res_idx: Tensor | None,
 class KroneckerLinear(ApproxModule):
     """Factors A (r, m1, n1) and B (r, m2, n2) (the scale α folded into A), an optional sparse
     residual (no dense copy) and the bias. The residual is ``residual_structure`` 'entries':
-    sorted flat int32 indices + values (nnz,), or 'blocks': sorted block indices p·n1 + q +
-    values (nb, m2, n2)."""
+    sorted flat int32 indices + values (nnz,); 'blocks': sorted block indices p·n1 + q +
+    values (nb, m2, n2); or 'columns': sorted input-column indices + values (m, k)."""
 
     def __init__(self, out_features: int, in_features: int, factors, rank: int, nnz: int = 0,
                  bias: bool = True, backend: str = "auto", residual_structure: str = "entries"):
         super().__init__()
         (m1, n1), (m2, n2) = factors
-        if residual_structure not in ("entries", "blocks"):
-            raise ValueError(f"residual_structure must be 'entries' or 'blocks', got "
+        if residual_structure not in RESIDUAL_STRUCTURES:
+            raise ValueError(f"residual_structure must be one of {RESIDUAL_STRUCTURES}, got "
                              f"{residual_structure!r}")
         if m1 * m2 != out_features or n1 * n2 != in_features:
             raise ValueError(f"factors {factors} do not multiply to {out_features}×{in_features}")
@@ -94,11 +106,13 @@ class KroneckerLinear(ApproxModule):
         self.factors = [[int(m1), int(n1)], [int(m2), int(n2)]]
         self.a = nn.Parameter(torch.zeros(rank, m1, n1))
         self.b = nn.Parameter(torch.zeros(rank, m2, n2))
-        # nnz indices: flat entry indices, or block indices p·n1 + q with (m2 × n2) values each
+        # nnz indices: flat entry indices, block indices p·n1 + q with (m2 × n2) values each,
+        # or input-column indices with a column of out_features values each
         self.residual_structure = residual_structure
         self.register_buffer("res_idx", torch.zeros(nnz, dtype=torch.int32))
         self.res_val = nn.Parameter(torch.zeros(
-            (nnz, m2, n2) if residual_structure == "blocks" else (nnz,)))
+            {"blocks": (nnz, m2, n2), "columns": (out_features, nnz)}.get(residual_structure,
+                                                                          (nnz,))))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         kernel = layerzip.get_backend(OP, backend)
         self.backend_name, self._kernel = kernel.name, kernel
@@ -119,6 +133,8 @@ class KroneckerLinear(ApproxModule):
             r_w = rearrange(w, m1, n1, m2, n2)  # a copy: block (p, q) is row p·n1 + q
             r_w.index_add_(0, self.res_idx.long(), self.res_val.double().reshape(-1, m2 * n2))
             w = r_w.reshape(m1, n1, m2, n2).permute(0, 2, 1, 3).reshape(m1 * m2, n1 * n2)
+        elif self.res_idx.numel() and self.residual_structure == "columns":
+            w[:, self.res_idx.long()] += self.res_val.double()
         elif self.res_idx.numel():
             w.view(-1).index_add_(0, self.res_idx.long(), self.res_val.double())
         return w.float()
@@ -136,4 +152,8 @@ class KroneckerLinear(ApproxModule):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"factors={self.factors}, rank={self.rank}, residual_nnz={self.res_val.numel()}"
-                f"{' in ' + str(self.res_idx.numel()) + ' blocks' if self.res_val.dim() == 3 else ''}")
+                f"{_residual_unit(self.residual_structure, self.res_idx.numel())}")
+
+
+def _residual_unit(structure: str, count: int) -> str:
+    return {"blocks": f" in {count} blocks", "columns": f" in {count} columns"}.get(structure, "")

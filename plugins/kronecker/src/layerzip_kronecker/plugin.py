@@ -22,10 +22,11 @@ class TorchKronBackend(Backend):
 
 
 class TritonKronBackend(TritonKernelBackend):
-    """The fused Triton kernel (triton_kernel.py); a residual of whole blocks by a kernel of
-    its own when no gradient is needed (add_block_residual_), else — and a residual of single
-    entries always — in torch (cuSPARSE CSR for single entries: a Triton gather kernel lost
-    to it, benchmarks/results/kronecker_entry_residual.md)."""
+    """The fused Triton kernel (triton_kernel.py). When no gradient is needed a residual of
+    whole blocks goes through a kernel of its own (add_block_residual_) and one of whole
+    columns through one in-place cuBLAS product on the fresh y; otherwise — and a residual of
+    single entries always — the torch form adds it (cuSPARSE CSR for single entries: a
+    Triton gather kernel lost to it, benchmarks/results/kronecker_entry_residual.md)."""
 
     op = OP
     name = "triton"
@@ -41,25 +42,30 @@ class TritonKronBackend(TritonKernelBackend):
         lead = x.shape[:-1]
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         y = kron_fused_autograd(x2, a, b)
-        blocks = res_idx is not None and res_idx.numel() > 0 and res_val.dim() == 3
-        if blocks and not (torch.is_grad_enabled() and any(
+        structured = res_idx is not None and res_idx.numel() > 0 and res_val.dim() > 1
+        if structured and not (torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x, a, b, res_val, bias))):
-            # in place on the fresh y, as tensor-core dots; with gradients, the
+            # in place on the fresh y, as tensor-core products; with gradients, the
             # differentiable torch form below
-            y = add_block_residual_(y, x2.contiguous(), res_idx, res_val)
+            if res_val.dim() == 3:  # blocks
+                y = add_block_residual_(y, x2.contiguous(), res_idx, res_val)
+            else:  # columns: y += x[:, columns] valuesᵀ, one cuBLAS call reading y once
+                y.addmm_(x2.index_select(1, res_idx.long()), res_val.to(y.dtype).t())
             res_idx = res_val = None
         return add_residual_and_bias(y, x2, res_idx, res_val, bias).reshape(*lead, -1)
 
 
 class KronMeasuredBackend(MeasuredBackend):
     """``autotune``: the fastest available kron_matmul kernel per (device, dtype, T bucket,
-    factor shapes, residual or not, bias or not), measured once — what ``auto`` picks on a
+    factor shapes, residual structure or none, bias or not), measured once — what ``auto`` picks on a
     GPU."""
 
     op = OP
 
     def shape_key(self, x, a, b, res_idx, res_val, bias):
-        return (tuple(a.shape), tuple(b.shape), res_idx is not None and res_idx.numel() > 0,
+        # the residual's structure (0: none, 1: entries, 2: columns, 3: blocks) moves the choice
+        return (tuple(a.shape), tuple(b.shape),
+                res_val.dim() if res_idx is not None and res_idx.numel() > 0 else 0,
                 bias is not None)
 
 
