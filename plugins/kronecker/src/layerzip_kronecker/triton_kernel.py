@@ -249,12 +249,12 @@ if triton is not None:
     @triton.autotune(configs=_column_configs(), key=["T_BUCKET", "M", "K"],
                      restore_value=["y_ptr"])
     @triton.jit
-    def _kron_column_residual(x_ptr, cols_ptr, r_ptr, b_ptr, y_ptr, T, T_BUCKET, M, K, sxt,
+    def _kron_column_residual(xc_ptr, r_ptr, b_ptr, y_ptr, T, T_BUCKET, M, K,
                               HAS_BIAS: tl.constexpr, BK: tl.constexpr,
                               PRECISION: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr):
-        """y[t, :] += x[t, cols] · Rᵀ (+ bias) for R (M × K): a (BT × BM) tile of y per
-        program, read and written once; the K gathered features of its tokens and the R tile
-        are one tensor-core dot (K ≤ BK, padded)."""
+        """y[t, :] += xc[t, :] · Rᵀ (+ bias) for the gathered features xc (T × K, contiguous)
+        and R (M × K): a (BT × BM) tile of y per program, read and written once; its xc and
+        R tiles (small, from L2) are one tensor-core dot per BK features (padded)."""
         t0 = tl.cast(tl.program_id(0), tl.int64) * BT
         rt = tl.arange(0, BT)
         rm = tl.program_id(1) * BM + tl.arange(0, BM)
@@ -262,8 +262,7 @@ if triton is not None:
         acc = tl.zeros((BT, BM), dtype=tl.float32)
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
-            cols = tl.load(cols_ptr + rk, mask=rk < K, other=0).to(tl.int64)
-            xc = tl.load(x_ptr + (t0 + rt[:, None]) * sxt + cols[None, :],
+            xc = tl.load(xc_ptr + (t0 + rt[:, None]) * K + rk[None, :],
                          mask=tok[:, None] & (rk[None, :] < K), other=0.0)       # (BT, BK)
             rv = tl.load(r_ptr + rm[None, :] * K + rk[:, None],
                          mask=(rk[:, None] < K) & (rm[None, :] < M), other=0.0)  # Rᵀ: (BK, BM)
@@ -334,12 +333,13 @@ def add_column_residual_(y: torch.Tensor, x2: torch.Tensor, columns: torch.Tenso
     t = x2.shape[0]
     if not t:
         return y
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    _COLUMNS(lambda meta: (cdiv(t, meta["BT"]), cdiv(m, meta["BM"])), x2, columns.contiguous(),
-             values.contiguous(), bias if bias is not None else y, y, t,
-             1 << max(0, (t - 1).bit_length()), m, k, x2.stride(0), HAS_BIAS=bias is not None,
-             BK=min(128, _p2(k)), PRECISION=_precision())
+    # the features gathered once (T × k: small) rather than by every tile of y: gathered per
+    # tile, the scattered reads were repeated m / BM times and made the kernel slower than
+    # cuBLAS (benchmarks/results/kronecker_gpu_residual.md)
+    xc = x2.index_select(1, columns.long())
+    _COLUMNS(lambda meta: (cdiv(t, meta["BT"]), cdiv(m, meta["BM"])), xc, values.contiguous(),
+             bias if bias is not None else y, y, t, 1 << max(0, (t - 1).bit_length()), m, k,
+             HAS_BIAS=bias is not None, BK=min(128, _p2(k)), PRECISION=_precision())
     return y
 
 
