@@ -23,9 +23,9 @@ class TorchKronBackend(Backend):
 
 class TritonKronBackend(TritonKernelBackend):
     """The fused Triton kernel (triton_kernel.py). When no gradient is needed a residual of
-    whole blocks or whole columns goes through a kernel of its own, in place on the fresh y
-    (add_block_residual_; add_column_residual_, with the bias); otherwise — and a residual
-    of single entries always — the torch form adds it (cuSPARSE CSR for single entries: a
+    whole blocks goes through a kernel of its own (add_block_residual_) and one of whole
+    columns through one in-place cuBLAS product on the fresh y; otherwise — and a residual of
+    single entries always — the torch form adds it (cuSPARSE CSR for single entries: a
     Triton gather kernel lost to it, benchmarks/results/kronecker_entry_residual.md)."""
 
     op = OP
@@ -37,8 +37,7 @@ class TritonKronBackend(TritonKernelBackend):
                   "dots per token tile, y written once; differentiable (in-kernel dA, dB)"
 
     def __call__(self, x, a, b, res_idx, res_val, bias):
-        from .triton_kernel import (add_block_residual_, add_column_residual_,
-                                    kron_fused_autograd)
+        from .triton_kernel import add_block_residual_, kron_fused_autograd
 
         lead = x.shape[:-1]
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
@@ -50,9 +49,8 @@ class TritonKronBackend(TritonKernelBackend):
             # differentiable torch form below
             if res_val.dim() == 3:  # blocks
                 y = add_block_residual_(y, x2.contiguous(), res_idx, res_val)
-            else:  # columns: gather, one dot and the bias per tile of y, read once
-                y = add_column_residual_(y, x2, res_idx, res_val, bias)
-                bias = None
+            else:  # columns: y += x[:, columns] valuesᵀ, one cuBLAS call reading y once
+                y.addmm_(x2.index_select(1, res_idx.long()), res_val.to(y.dtype).t())
             res_idx = res_val = None
         return add_residual_and_bias(y, x2, res_idx, res_val, bias).reshape(*lead, -1)
 

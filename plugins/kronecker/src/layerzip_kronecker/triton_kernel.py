@@ -239,44 +239,8 @@ if triton is not None:
             y = tl.load(yp, mask=ym, other=0.0)
             tl.store(yp, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ym)
 
-    def _column_configs():
-        if INTERPRET:
-            return [triton.Config({"BT": 16, "BM": 32}, num_warps=1)]
-        return [triton.Config({"BT": bt, "BM": bm}, num_warps=w, num_stages=2)
-                for bt, bm, w in ((128, 128, 4), (128, 128, 8), (64, 256, 8), (256, 64, 8),
-                                  (128, 64, 4))][:2 if QUICK else None]
-
-    @triton.autotune(configs=_column_configs(), key=["T_BUCKET", "M", "K"],
-                     restore_value=["y_ptr"])
-    @triton.jit
-    def _kron_column_residual(xc_ptr, r_ptr, b_ptr, y_ptr, T, T_BUCKET, M, K,
-                              HAS_BIAS: tl.constexpr, BK: tl.constexpr,
-                              PRECISION: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr):
-        """y[t, :] += xc[t, :] · Rᵀ (+ bias) for the gathered features xc (T × K, contiguous)
-        and R (M × K): a (BT × BM) tile of y per program, read and written once; its xc and
-        R tiles (small, from L2) are one tensor-core dot per BK features (padded)."""
-        t0 = tl.cast(tl.program_id(0), tl.int64) * BT
-        rt = tl.arange(0, BT)
-        rm = tl.program_id(1) * BM + tl.arange(0, BM)
-        tok = (t0 + rt) < T
-        acc = tl.zeros((BT, BM), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            rk = k0 + tl.arange(0, BK)
-            xc = tl.load(xc_ptr + (t0 + rt[:, None]) * K + rk[None, :],
-                         mask=tok[:, None] & (rk[None, :] < K), other=0.0)       # (BT, BK)
-            rv = tl.load(r_ptr + rm[None, :] * K + rk[:, None],
-                         mask=(rk[:, None] < K) & (rm[None, :] < M), other=0.0)  # Rᵀ: (BK, BM)
-            acc = tl.dot(xc, rv.to(xc.dtype), acc, input_precision=PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rm, mask=rm < M, other=0.0).to(tl.float32)[None, :]
-        yp = y_ptr + (t0 + rt[:, None]) * M + rm[None, :]
-        ym = tok[:, None] & (rm[None, :] < M)
-        y = tl.load(yp, mask=ym, other=0.0)
-        tl.store(yp, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ym)
-
     _FWD, _GRAD = LaunchCache(_kron_fwd), LaunchCache(_kron_grad)
     _BLOCKS = LaunchCache(_kron_block_residual)
-    _COLUMNS = LaunchCache(_kron_column_residual)
     _MAX_OCC = max(c.kwargs["OCC"] for c in _kron_grad.configs)
 
 
@@ -321,25 +285,6 @@ def add_block_residual_(y: torch.Tensor, x2: torch.Tensor, blocks: torch.Tensor,
     _BLOCKS(lambda meta: (cdiv(t, meta["BT"]), m1), x2, values.contiguous(),
             blocks.contiguous(), rowptr, y, t, 1 << max(0, (t - 1).bit_length()), n1, n2, m2,
             _p2(m2), _p2(n2), _precision())
-    return y
-
-
-def add_column_residual_(y: torch.Tensor, x2: torch.Tensor, columns: torch.Tensor,
-                         values: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """In place: y (T, m) += x2[:, columns] valuesᵀ (+ bias) for values (m, k) — the kernel
-    form of :func:`layerzip_kronecker.module.add_column_residual`, with the bias fused (no
-    autograd)."""
-    m, k = values.shape
-    t = x2.shape[0]
-    if not t:
-        return y
-    # the features gathered once (T × k: small) rather than by every tile of y: gathered per
-    # tile, the scattered reads were repeated m / BM times and made the kernel slower than
-    # cuBLAS (benchmarks/results/kronecker_gpu_residual.md)
-    xc = x2.index_select(1, columns.long())
-    _COLUMNS(lambda meta: (cdiv(t, meta["BT"]), cdiv(m, meta["BM"])), xc, values.contiguous(),
-             bias if bias is not None else y, y, t, 1 << max(0, (t - 1).bit_length()), m, k,
-             HAS_BIAS=bias is not None, BK=min(128, _p2(k)), PRECISION=_precision())
     return y
 
 
