@@ -1,6 +1,8 @@
-"""What the fast block residual costs in accuracy: a residual of single entries against one of
-whole m2×n2 blocks of the factor grid, at the same residual fraction, on real SmolLM2-135M
-weights (the speed side is benchmarks/test_kronecker_speed.py).
+"""What the fast structured residuals cost in accuracy: a residual of single entries against one
+of whole m2×n2 blocks of the factor grid and one of whole input columns (outlier input features;
+by residual energy, or weighted by the calibration inputs' energy per feature), at the same
+residual fraction, on real SmolLM2-135M weights (the speed side is
+benchmarks/test_kronecker_speed.py).
 
 Per layer and setting: relative output error on held-out activations (calibration = the first
 4×256 tokens of pydoc_data.topics text, held out = the next 2×256), relative weight error and
@@ -20,7 +22,9 @@ import layerzip
 from layerzip.models import default_text, load_model, text_windows
 
 LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.10.mlp.gate_proj",
-          "model.layers.20.mlp.down_proj"]
+          "model.layers.20.mlp.down_proj", "model.layers.5.self_attn.o_proj"]
+# "kind, activation": residual_score 'activation' (the calibration inputs weight each feature)
+STRUCTURES = ("entries", "entries, activation", "blocks", "columns", "columns, activation")
 
 
 def main() -> None:
@@ -35,10 +39,12 @@ def main() -> None:
     for name in LAYERS:
         for rank in (1, 4):
             for frac in (0.0, 0.01, 0.05):
-                for structure in (("entries",) if frac == 0 else ("entries", "blocks")):
+                for structure in (("entries",) if frac == 0 else STRUCTURES):
                     params = {"factors": "auto", "rank": rank}
                     if frac:
-                        params |= {"residual_fraction": frac, "residual_structure": structure}
+                        kind, _, score = structure.partition(", ")
+                        params |= {"residual_fraction": frac, "residual_structure": kind,
+                                   "residual_score": "activation" if score else "magnitude"}
                     m = copy.deepcopy(lm.model)
                     rep = layerzip.compress(m, {"rules": [{"targets": [name],
                                                            "method": "kronecker",
