@@ -152,8 +152,8 @@ class KroneckerLinear(ApproxModule):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"factors={self.factors}, rank={self.rank}, residual_nnz={self.res_val.numel()}"
-                f"{_residual_unit(self.residual_structure, self.res_idx.numel())}")
+                f"{_residual_repr(self.residual_structure, self.res_idx.numel())}")
 
 
-def _residual_unit(structure: str, count: int) -> str:
+def _residual_repr(structure: str, count: int) -> str:
     return {"blocks": f" in {count} blocks", "columns": f" in {count} columns"}.get(structure, "")

@@ -57,8 +57,8 @@ class TritonKronBackend(TritonKernelBackend):
 
 class KronMeasuredBackend(MeasuredBackend):
     """``autotune``: the fastest available kron_matmul kernel per (device, dtype, T bucket,
-    factor shapes, residual structure or none, bias or not), measured once — what ``auto`` picks on a
-    GPU."""
+    factor shapes, residual structure or none, bias or not), measured once — what ``auto``
+    picks on a GPU."""
 
     op = OP
 
