@@ -30,17 +30,6 @@ def test_builds_once_per_version_of_every_tensor():
     assert len(cache) == 1  # one entry per owner
 
 
-def test_peek_never_builds():
-    cache, calls = counting_cache()
-    w = torch.ones(3)
-    assert cache.peek(w) is None and not calls
-    built = cache(w)
-    assert cache.peek(w) is built
-    with torch.no_grad():
-        w.mul_(2)
-    assert cache.peek(w) is None and len(calls) == 1  # stale: not rebuilt by a peek
-
-
 def test_entries_follow_the_owner_not_its_id():
     # an entry goes when its owner is collected, so a new tensor that gets the dead one's id
     # and address is built afresh instead of inheriting the dead one's result

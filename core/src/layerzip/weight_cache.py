@@ -41,13 +41,6 @@ class WeightCache:
         current = hit is not None and hit[0]() is owner and hit[1] == key
         return key, hit if current else None
 
-    def peek(self, owner: Tensor, *others: Tensor, **params) -> Any:
-        """What ``cache(owner, *others, **params)`` would return if it is built and current,
-        else None — without building (e.g. during a CUDA-graph capture, where a build that
-        synchronizes with the host would break the capture)."""
-        hit = self._lookup(owner, others, params)[1]
-        return None if hit is None else hit[2]
-
     def __call__(self, owner: Tensor, *others: Tensor, **params) -> Any:
         key, hit = self._lookup(owner, others, params)
         if hit is None:
