@@ -89,53 +89,55 @@ def test_module_trains_through_the_triton_backend():
     assert x.grad is not None
 
 
+def _factored_layer(seed, t, f1, f2):
+    """A generator, x (t, n1·n2) and one Kronecker term a (1, m1, n1), b (1, m2, n2)."""
+    g = torch.Generator().manual_seed(seed)
+    (m1, n1), (m2, n2) = f1, f2
+    x = torch.randn(t, n1 * n2, generator=g).to(DEVICE)
+    a = torch.randn(1, m1, n1, generator=g).to(DEVICE)
+    b = torch.randn(1, m2, n2, generator=g).to(DEVICE)
+    return g, x, a, b
+
+
+def _assert_both_residual_paths(x, a, b, idx, vals, bias, want):
+    """Without gradients the backend's own residual path gives ``want``; with them it takes
+    the differentiable torch form, whose gradient in the residual's values it must match."""
+    with torch.no_grad():
+        out = TritonKronBackend()(x, a, b, idx, vals, bias)
+    assert float((out.double() - want).norm() / want.norm()) < 1e-5
+    vals.requires_grad_(True)
+    (gv,) = torch.autograd.grad(TritonKronBackend()(x, a, b, idx, vals, bias).sum(), vals)
+    (ref,) = torch.autograd.grad(kron_matmul_reference(x, a, b, idx, vals, bias).sum(), vals)
+    torch.testing.assert_close(gv, ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("t,f1,f2,nb", [
     (37, (4, 3), (5, 6), 5),     # nothing a power of two; several blocks in one block row
     (20, (8, 4), (16, 16), 12),  # blocks in most block rows, a token tail
 ])
 def test_block_residual_kernel_matches_the_torch_form(t, f1, f2, nb):
-    g = torch.Generator().manual_seed(nb)
+    g, x, a, b = _factored_layer(nb, t, f1, f2)
     (m1, n1), (m2, n2) = f1, f2
-    x = torch.randn(t, n1 * n2, generator=g).to(DEVICE)
-    a = torch.randn(1, m1, n1, generator=g).to(DEVICE)
-    b = torch.randn(1, m2, n2, generator=g).to(DEVICE)
     blocks = torch.randperm(m1 * n1, generator=g)[:nb].sort().values.to(DEVICE, torch.int32)
     vals = torch.randn(nb, m2, n2, generator=g).to(DEVICE)
     bias = torch.randn(m1 * m2, generator=g).to(DEVICE)
-    ref = kron_matmul_reference(x.double(), a.double(), b.double(), blocks, vals.double(),
-                                bias.double())
-    out = TritonKronBackend()(x, a, b, blocks, vals, bias)
-    assert float((out.double() - ref).norm() / ref.norm()) < 1e-5
-    # with gradients the backend takes the differentiable torch form of the residual
-    vals.requires_grad_(True)
-    (gv,) = torch.autograd.grad(TritonKronBackend()(x, a, b, blocks, vals, bias).sum(), vals)
-    (want,) = torch.autograd.grad(kron_matmul_reference(x, a, b, blocks, vals, bias).sum(),
-                                  vals)
-    torch.testing.assert_close(gv, want, rtol=1e-4, atol=1e-4)
+    want = kron_matmul_reference(x.double(), a.double(), b.double(), blocks, vals.double(),
+                                 bias.double())
+    _assert_both_residual_paths(x, a, b, blocks, vals, bias, want)
 
 
 @pytest.mark.parametrize("t,f1,f2,k", [(37, (4, 3), (5, 6), 3), (20, (8, 4), (16, 16), 9)])
 def test_column_residual_matches_the_torch_form(t, f1, f2, k):
-    # whole input columns: one in-place product on the kernel's fresh y without gradients,
-    # the differentiable torch form with them
-    g = torch.Generator().manual_seed(k)
+    # whole input columns: one in-place product on the kernel's fresh y without gradients;
+    # checked against the dense layer with those columns added
+    g, x, a, b = _factored_layer(k, t, f1, f2)
     (m1, n1), (m2, n2) = f1, f2
-    x = torch.randn(t, n1 * n2, generator=g).to(DEVICE)
-    a = torch.randn(1, m1, n1, generator=g).to(DEVICE)
-    b = torch.randn(1, m2, n2, generator=g).to(DEVICE)
     cols = torch.randperm(n1 * n2, generator=g)[:k].sort().values.to(DEVICE, torch.int32)
     vals = torch.randn(m1 * m2, k, generator=g).to(DEVICE)
     bias = torch.randn(m1 * m2, generator=g).to(DEVICE)
     dense = torch.einsum("ij,ab->iajb", a[0].double(), b[0].double()).reshape(m1 * m2, -1)
     dense[:, cols.long()] += vals.double()
-    want = x.double() @ dense.t() + bias.double()
-    with torch.no_grad():
-        out = TritonKronBackend()(x, a, b, cols, vals, bias)
-    assert float((out.double() - want).norm() / want.norm()) < 1e-5
-    vals.requires_grad_(True)
-    (gv,) = torch.autograd.grad(TritonKronBackend()(x, a, b, cols, vals, bias).sum(), vals)
-    (ref,) = torch.autograd.grad(kron_matmul_reference(x, a, b, cols, vals, bias).sum(), vals)
-    torch.testing.assert_close(gv, ref, rtol=1e-4, atol=1e-4)
+    _assert_both_residual_paths(x, a, b, cols, vals, bias, x.double() @ dense.t() + bias.double())
 
 
 def test_config_pruning_keeps_tiles_that_fit(monkeypatch):
