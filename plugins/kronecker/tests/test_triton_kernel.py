@@ -89,6 +89,24 @@ def test_module_trains_through_the_triton_backend():
     assert x.grad is not None
 
 
+def test_kernel_adds_to_out_in_place():
+    # out=: y += Σ (Aₖ ⊗ Bₖ) x (the column residual's path), leading dimensions kept
+    from layerzip_kronecker.triton_kernel import kron_fused
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 7, 12, generator=g).to(DEVICE)
+    a = torch.randn(2, 5, 3, generator=g).to(DEVICE)
+    b = torch.randn(2, 6, 4, generator=g).to(DEVICE)
+    start = torch.randn(2, 7, 30, generator=g).to(DEVICE)
+    out = start.clone()
+    assert kron_fused(x, a, b, out=out) is out
+    want = start.double() + kron_matmul_reference(x.double(), a.double(), b.double(), None,
+                                                  None, None)
+    assert float((out.double() - want).norm() / want.norm()) < 1e-5
+    with pytest.raises(ValueError, match=r"out must be a contiguous .* shape \(2, 7, 30\)"):
+        kron_fused(x, a, b, out=start.transpose(0, 1))
+
+
 def _factored_layer(seed, t, f1, f2):
     """A generator, x (t, n1·n2) and one Kronecker term a (1, m1, n1), b (1, m2, n2)."""
     g = torch.Generator().manual_seed(seed)
@@ -128,8 +146,8 @@ def test_block_residual_kernel_matches_the_torch_form(t, f1, f2, nb):
 
 @pytest.mark.parametrize("t,f1,f2,k", [(37, (4, 3), (5, 6), 3), (20, (8, 4), (16, 16), 9)])
 def test_column_residual_matches_the_torch_form(t, f1, f2, k):
-    # whole input columns: one in-place product on the kernel's fresh y without gradients;
-    # checked against the dense layer with those columns added
+    # whole input columns: without gradients the residual's product first, the kernel adding
+    # to it; checked against the dense layer with those columns added
     g, x, a, b = _factored_layer(k, t, f1, f2)
     (m1, n1), (m2, n2) = f1, f2
     cols = torch.randperm(n1 * n2, generator=g)[:k].sort().values.to(DEVICE, torch.int32)
@@ -164,21 +182,22 @@ def test_config_pruning_keeps_tiles_that_fit(monkeypatch):
     assert kept(fp32, 512) == {(1, 8)}
 
 
-@pytest.mark.parametrize("r,tb", [(1, 1), (4, 2)])
-def test_forward_kernel_compiles_for_hopper_with_tensor_core_dots(r, tb):
+@pytest.mark.parametrize("r,tb,accumulate", [(1, 1, False), (4, 2, False), (1, 1, True)])
+def test_forward_kernel_compiles_for_hopper_with_tensor_core_dots(r, tb, accumulate):
     # the interpreter runs the kernel as Python; compiled for sm_90 (64×64 ⊗ 64×64, bf16, with
     # token tiles the autotuner keeps for that shape), its products are Hopper tensor-core
     # wgmma instructions, its x tiles move by 16-byte loads or async copies, and nothing spills
+    # (also when it adds to y: the column residual's path)
     pytest.importorskip("triton")
     from layerzip.testing import compile_ptx
 
     sig = {**{p: "*bf16" for p in ("x_ptr", "a_ptr", "b_ptr", "y_ptr")},
            **{p: "i32" for p in ("T", "T_BUCKET", "M1", "N1", "M2", "N2")},
            **{p: "constexpr" for p in ("R", "BM1", "BN1", "BM2", "BN2", "PRECISION", "TB",
-                                       "OCC")}}
+                                       "OCC", "ACCUMULATE")}}
     ptx = compile_ptx("layerzip_kronecker.triton_kernel", "_kron_fwd", sig,
                       {"R": r, "BM1": 64, "BN1": 64, "BM2": 64, "BN2": 64,
-                       "PRECISION": "ieee", "TB": tb, "OCC": 2},
+                       "PRECISION": "ieee", "TB": tb, "OCC": 2, "ACCUMULATE": accumulate},
                       divisible=("x_ptr", "a_ptr", "b_ptr", "y_ptr", "T", "M1", "N1", "M2",
                                  "N2"))
     assert "wgmma.mma_async" in ptx

@@ -23,10 +23,14 @@ class TorchKronBackend(Backend):
 
 class TritonKronBackend(TritonKernelBackend):
     """The fused Triton kernel (triton_kernel.py). When no gradient is needed a residual of
-    whole blocks goes through a kernel of its own (add_block_residual_) and one of whole
-    columns through one in-place cuBLAS product on the fresh y; otherwise — and a residual of
-    single entries always — the torch form adds it (cuSPARSE CSR for single entries: a
-    Triton gather kernel lost to it, benchmarks/results/kronecker_entry_residual.md)."""
+    whole blocks goes through a kernel of its own (add_block_residual_) in place on the fresh
+    y, and one of whole columns is computed first — y = x[:, columns] valuesᵀ + bias, an
+    index_select and one cuBLAS product — and the Kronecker kernel adds its product to it, so
+    y is read once more instead of read and written
+    (benchmarks/results/kronecker_column_probe.md).
+    Otherwise — and a residual of single entries always — the torch form adds it (cuSPARSE
+    CSR for single entries: a Triton gather kernel lost to it,
+    benchmarks/results/kronecker_entry_residual.md)."""
 
     op = OP
     name = "triton"
@@ -37,21 +41,25 @@ class TritonKronBackend(TritonKernelBackend):
                   "dots per token tile, y written once; differentiable (in-kernel dA, dB)"
 
     def __call__(self, x, a, b, res_idx, res_val, bias):
-        from .triton_kernel import add_block_residual_, kron_fused_autograd
+        from .triton_kernel import add_block_residual_, kron_fused, kron_fused_autograd
 
         lead = x.shape[:-1]
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        y = kron_fused_autograd(x2, a, b)
         structured = res_idx is not None and res_idx.numel() > 0 and res_val.dim() > 1
         if structured and not (torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x, a, b, res_val, bias))):
-            # in place on the fresh y, as tensor-core products; with gradients, the
-            # differentiable torch form below
+            # tensor-core products, in place; with gradients, the differentiable torch form
             if res_val.dim() == 3:  # blocks
-                y = add_block_residual_(y, x2.contiguous(), res_idx, res_val)
-            else:  # columns: y += x[:, columns] valuesᵀ, one cuBLAS call reading y once
-                y.addmm_(x2.index_select(1, res_idx.long()), res_val.to(y.dtype).t())
-            res_idx = res_val = None
+                y = add_block_residual_(kron_fused(x2, a, b), x2.contiguous(), res_idx,
+                                        res_val)
+                return add_residual_and_bias(y, x2, None, None, bias).reshape(*lead, -1)
+            # columns: the residual's product (and the bias) first, written by cuBLAS; the
+            # kernel adds its own to it
+            xc = x2.index_select(1, res_idx.long())
+            vt = res_val.to(x2.dtype).t()
+            y = torch.addmm(bias.to(x2.dtype), xc, vt) if bias is not None else xc @ vt
+            return kron_fused(x2, a, b, out=y).reshape(*lead, -1)
+        y = kron_fused_autograd(x2, a, b)
         return add_residual_and_bias(y, x2, res_idx, res_val, bias).reshape(*lead, -1)
 
 

@@ -138,13 +138,16 @@ if triton is not None:
         return tl.load(base + r[:, None] * cols + c[None, :],
                        mask=(r[:, None] < rows) & (c[None, :] < cols), other=0.0)
 
-    @triton.autotune(configs=_configs(), key=["T_BUCKET", "M1", "N1", "M2", "N2", "R"],
-                     prune_configs_by={"early_config_prune": _prune})
+    @triton.autotune(configs=_configs(),
+                     key=["T_BUCKET", "M1", "N1", "M2", "N2", "R", "ACCUMULATE"],
+                     prune_configs_by={"early_config_prune": _prune}, restore_value=["y_ptr"])
     @triton.jit
     def _kron_fwd(x_ptr, a_ptr, b_ptr, y_ptr, T, T_BUCKET, M1, N1, M2, N2,
                   R: tl.constexpr, BM1: tl.constexpr, BN1: tl.constexpr, BM2: tl.constexpr,
-                  BN2: tl.constexpr, PRECISION: tl.constexpr, TB: tl.constexpr,
-                  OCC: tl.constexpr):
+                  BN2: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
+                  TB: tl.constexpr, OCC: tl.constexpr):
+        """y = Σₖ (Aₖ ⊗ Bₖ) x per token, or y += it with ACCUMULATE (y then holds what was
+        computed before, e.g. a column residual: one read of y instead of a second pass)."""
         x_off, x_in, xt, y_off, y_in, yt = _tile_offsets(N1, N2, M1, M2, BM1, BN1, BM2, BN2, TB)
         a0 = _load_factor(a_ptr, 0, M1, N1, BM1, BN1, False)
         bt0 = _load_factor(b_ptr, 0, M2, N2, BN2, BM2, True)
@@ -152,7 +155,11 @@ if triton is not None:
             t0 = tl.cast(tile, tl.int64) * TB
             x = tl.load(x_ptr + t0 * N1 * N2 + x_off, mask=x_in & (t0 + xt[None, :] < T),
                         other=0.0)
-            acc = tl.zeros((BM1 * TB, BM2), dtype=tl.float32)
+            if ACCUMULATE:
+                acc = tl.load(y_ptr + t0 * M1 * M2 + y_off, mask=y_in & (t0 + yt[:, None] < T),
+                              other=0.0).to(tl.float32)
+            else:
+                acc = tl.zeros((BM1 * TB, BM2), dtype=tl.float32)
             for k in tl.static_range(R):
                 if k == 0:  # the first term's factors stay in registers for every tile
                     a, bt = a0, bt0
@@ -255,17 +262,28 @@ def _shape_args(t: int, a: torch.Tensor, b: torch.Tensor) -> tuple:
             _p2(m1), _p2(n1), _p2(m2), _p2(n2), _precision())
 
 
-def kron_fused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σₖ (Aₖ ⊗ Bₖ) x over the last dimension of x (no residual, no bias)."""
+def kron_fused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Σₖ (Aₖ ⊗ Bₖ) x over the last dimension of x (no residual, no bias); with ``out``
+    (contiguous, x's leading shape by m1·m2, x's dtype) it is added to ``out`` in place and
+    ``out`` returned (no autograd)."""
     r, m1, n1 = a.shape
     _, m2, n2 = b.shape
     flat = x.dim() == 2  # the common call (from kron_fused_autograd): no reshapes needed
     x2 = x.contiguous() if flat else x.reshape(-1, n1 * n2).contiguous()
     t = x2.shape[0]
-    y = torch.empty((t, m1 * m2), device=x.device, dtype=x.dtype)
+    if out is not None and (out.shape != (*x.shape[:-1], m1 * m2) or out.dtype != x.dtype
+                            or not out.is_contiguous()):
+        raise ValueError(f"kron_fused: out must be a contiguous {x.dtype} tensor of shape "
+                         f"{(*x.shape[:-1], m1 * m2)}, got {out.dtype} {tuple(out.shape)}")
+    y = torch.empty((t, m1 * m2), device=x.device, dtype=x.dtype) if out is None \
+        else out.view(t, m1 * m2)
     if t:
         _FWD(lambda meta: (_programs(x2, cdiv(t, meta["TB"]), meta["OCC"]),),
-             x2, a.contiguous(), b.contiguous(), y, *_shape_args(t, a, b))
+             x2, a.contiguous(), b.contiguous(), y, *_shape_args(t, a, b),
+             ACCUMULATE=out is not None)
+    if out is not None:
+        return out
     return y if flat else y.reshape(*x.shape[:-1], m1 * m2)
 
 
