@@ -130,14 +130,15 @@ def sweep(args, out, deadline: float) -> None:
                 try:
                     if kind == "fwd":
                         def run():
-                            return fn[(progs,)](x, a, b, y, *shape, **meta)
+                            return fn[(progs,)](x, a, b, y, *shape, ACCUMULATE=False, **meta)
                     else:
                         dy = torch.randn(t, m1 * m2, device="cuda", dtype=dt)
-                        da = torch.zeros(progs, r, shape[7], shape[8], device="cuda")
-                        db = torch.zeros(progs, r, shape[9], shape[10], device="cuda")
+                        # one fp32 row of partial dA and dB sums per (program, term)
+                        parts = torch.zeros(progs * r, shape[7] * shape[8] + shape[9] * shape[10],
+                                            device="cuda")
 
                         def run():
-                            return fn[(progs, r)](x, dy, a, b, da, db, *shape, **meta)
+                            return fn[(progs, r)](x, dy, a, b, parts, *shape, **meta)
                     k = run()
                     secs = bench(run)
                     err = None
