@@ -21,13 +21,19 @@ from layerzip_kronecker.triton_kernel import kron_fused
 
 @triton.jit
 def _column_residual_dot(xc_ptr, r_ptr, y_ptr, T, M, K, BK: tl.constexpr, BT: tl.constexpr,
-                         BM: tl.constexpr):
+                         BM: tl.constexpr, Y_FIRST: tl.constexpr):
     # y[t, :] += xc[t, :] · Rᵀ: a (BT × BM) tile of y per program, read and written once, its
-    # xc and R tiles one tensor-core dot per BK features (the kernel of commit 51b0279)
+    # xc and R tiles one tensor-core dot per BK features (the kernel of commit 51b0279); with
+    # Y_FIRST y's tile is requested before the reduction, so its DRAM latency overlaps the (L2)
+    # loads of xc and R and the dot
     t0 = tl.cast(tl.program_id(0), tl.int64) * BT
     rt = tl.arange(0, BT)
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     tok = (t0 + rt) < T
+    yp = y_ptr + (t0 + rt[:, None]) * M + rm[None, :]
+    ym = tok[:, None] & (rm[None, :] < M)
+    if Y_FIRST:
+        y = tl.load(yp, mask=ym, other=0.0)
     acc = tl.zeros((BT, BM), dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
@@ -36,32 +42,8 @@ def _column_residual_dot(xc_ptr, r_ptr, y_ptr, T, M, K, BK: tl.constexpr, BT: tl
         rv = tl.load(r_ptr + rm[None, :] * K + rk[:, None],
                      mask=(rk[:, None] < K) & (rm[None, :] < M), other=0.0)
         acc = tl.dot(xc, rv.to(xc.dtype), acc)
-    yp = y_ptr + (t0 + rt[:, None]) * M + rm[None, :]
-    ym = tok[:, None] & (rm[None, :] < M)
-    y = tl.load(yp, mask=ym, other=0.0)
-    tl.store(yp, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ym)
-
-
-@triton.jit
-def _column_residual_y_first(xc_ptr, r_ptr, y_ptr, T, M, K, BK: tl.constexpr,
-                             BT: tl.constexpr, BM: tl.constexpr):
-    # the shipped kernel with y's tile requested before the reduction, so its DRAM latency
-    # overlaps the (L2) loads of xc and R and the dot
-    t0 = tl.cast(tl.program_id(0), tl.int64) * BT
-    rt = tl.arange(0, BT)
-    rm = tl.program_id(1) * BM + tl.arange(0, BM)
-    tok = (t0 + rt) < T
-    yp = y_ptr + (t0 + rt[:, None]) * M + rm[None, :]
-    ym = tok[:, None] & (rm[None, :] < M)
-    y = tl.load(yp, mask=ym, other=0.0)
-    acc = tl.zeros((BT, BM), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        xc = tl.load(xc_ptr + (t0 + rt[:, None]) * K + rk[None, :],
-                     mask=tok[:, None] & (rk[None, :] < K), other=0.0)
-        rv = tl.load(r_ptr + rm[None, :] * K + rk[:, None],
-                     mask=(rk[:, None] < K) & (rm[None, :] < M), other=0.0)
-        acc = tl.dot(xc, rv.to(xc.dtype), acc)
+    if not Y_FIRST:
+        y = tl.load(yp, mask=ym, other=0.0)
     tl.store(yp, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ym)
 
 
@@ -171,15 +153,11 @@ def main() -> None:
                 (64, 128, 4), (64, 64, 4), (64, 64, 2), (32, 128, 4), (256, 128, 8))]:
             grid = (triton.cdiv(t, bt), triton.cdiv(m, bm))
 
-            def dot(bt=bt, bm=bm, nw=nw, ns=ns, grid=grid):
-                _column_residual_dot[grid](xc, vals, y, t, m, k, BK=64, BT=bt, BM=bm,
-                                           num_warps=nw, num_stages=ns)
+            for name, y_first in (("dot", False), ("y first", True)):
+                def fn(bt=bt, bm=bm, nw=nw, ns=ns, grid=grid, y_first=y_first):
+                    _column_residual_dot[grid](xc, vals, y, t, m, k, BK=64, BT=bt, BM=bm,
+                                               Y_FIRST=y_first, num_warps=nw, num_stages=ns)
 
-            def y_first(bt=bt, bm=bm, nw=nw, ns=ns, grid=grid):
-                _column_residual_y_first[grid](xc, vals, y, t, m, k, BK=64, BT=bt, BM=bm,
-                                               num_warps=nw, num_stages=ns)
-
-            for name, fn in (("dot", dot), ("y first", y_first)):
                 y.copy_(y0)
                 fn()
                 e = err(y)
