@@ -20,18 +20,25 @@ from layerzip_kronecker.triton_kernel import kron_fused
 
 
 @triton.jit
+def _y_tile(y_ptr, T, M, BT: tl.constexpr, BM: tl.constexpr):
+    """Program (i, j)'s (BT × BM) tile of y (T × M): first token, token and output offsets,
+    tokens in range, pointers and mask."""
+    t0 = tl.cast(tl.program_id(0), tl.int64) * BT
+    rt = tl.arange(0, BT)
+    rm = tl.program_id(1) * BM + tl.arange(0, BM)
+    tok = (t0 + rt) < T
+    return t0, rt, rm, tok, y_ptr + (t0 + rt[:, None]) * M + rm[None, :], \
+        tok[:, None] & (rm[None, :] < M)
+
+
+@triton.jit
 def _column_residual_dot(xc_ptr, r_ptr, y_ptr, T, M, K, BK: tl.constexpr, BT: tl.constexpr,
                          BM: tl.constexpr, Y_FIRST: tl.constexpr):
     # y[t, :] += xc[t, :] · Rᵀ: a (BT × BM) tile of y per program, read and written once, its
     # xc and R tiles one tensor-core dot per BK features (the kernel of commit 51b0279); with
     # Y_FIRST y's tile is requested before the reduction, so its DRAM latency overlaps the (L2)
     # loads of xc and R and the dot
-    t0 = tl.cast(tl.program_id(0), tl.int64) * BT
-    rt = tl.arange(0, BT)
-    rm = tl.program_id(1) * BM + tl.arange(0, BM)
-    tok = (t0 + rt) < T
-    yp = y_ptr + (t0 + rt[:, None]) * M + rm[None, :]
-    ym = tok[:, None] & (rm[None, :] < M)
+    t0, rt, rm, tok, yp, ym = _y_tile(y_ptr, T, M, BT, BM)
     if Y_FIRST:
         y = tl.load(yp, mask=ym, other=0.0)
     acc = tl.zeros((BT, BM), dtype=tl.float32)
@@ -73,12 +80,7 @@ def _column_residual_fma(xc_ptr, rt_ptr, y_ptr, T, M, K, BT: tl.constexpr, BM: t
     # no tensor cores and no shared memory: k rank-1 updates on CUDA cores, from Rᵀ (K × M,
     # rows contiguous) and xc (L1-resident after the first column), so occupancy is set by
     # registers alone
-    t0 = tl.cast(tl.program_id(0), tl.int64) * BT
-    rt = tl.arange(0, BT)
-    rm = tl.program_id(1) * BM + tl.arange(0, BM)
-    tok = (t0 + rt) < T
-    yp = y_ptr + (t0 + rt[:, None]) * M + rm[None, :]
-    ym = tok[:, None] & (rm[None, :] < M)
+    t0, rt, rm, tok, yp, ym = _y_tile(y_ptr, T, M, BT, BM)
     acc = tl.load(yp, mask=ym, other=0.0).to(tl.float32)
     for c in range(0, K):
         xv = tl.load(xc_ptr + (t0 + rt) * K + c, mask=tok, other=0.0).to(tl.float32)
