@@ -105,6 +105,8 @@ def test_kernel_adds_to_out_in_place():
     assert float((out.double() - want).norm() / want.norm()) < 1e-5
     with pytest.raises(ValueError, match=r"out must be a contiguous .* shape \(2, 7, 30\)"):
         kron_fused(x, a, b, out=start.transpose(0, 1))
+    with pytest.raises(ValueError, match="out must be a contiguous"):  # right shape, strided
+        kron_fused(x, a, b, out=start.permute(2, 1, 0).contiguous().permute(2, 1, 0))
 
 
 def _factored_layer(seed, t, f1, f2):
