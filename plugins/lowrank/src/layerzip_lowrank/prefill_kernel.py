@@ -98,9 +98,11 @@ def supported(h: torch.Tensor, u: torch.Tensor) -> tuple[bool, str]:
 
 
 def h_ut(h: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, *,
-         tiles: tuple[int, int, int, int] | None = None, tma_store: bool = True) -> torch.Tensor:
+         tiles: tuple[int, int, int, int] | None = None, tma_store: bool = True,
+         occupancy: int = 1) -> torch.Tensor:
     """y = h @ uᵀ + bias for a 2-D h (T × r) and u (m × r), bf16/fp16; ``tiles`` = (BM, BN,
-    num_warps, STAGES) overrides :data:`DEFAULT_TILES`."""
+    num_warps, STAGES) overrides :data:`DEFAULT_TILES`; ``occupancy`` programs per SM (two
+    that fit on one SM interleave one's products with the other's stores)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     ok, why = supported(h, u)
@@ -119,7 +121,7 @@ def h_ut(h: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, *,
     u_desc = TensorDescriptor.from_tensor(u, [bn, rp])
     y_desc = TensorDescriptor.from_tensor(y, [bm, bn])
     total = cdiv(t, bm) * cdiv(m, bn)
-    per = cdiv(total, min(total, _programs(h.device)))
+    per = cdiv(total, min(total, occupancy * _programs(h.device)))
     programs = cdiv(total, per)
     _h_ut_kernel[(programs,)](
         h_desc, u_desc, y_desc, y, bias if bias is not None else y, t, m, y.stride(0),
