@@ -1,13 +1,23 @@
-"""Does holding U's tile on chip beat cuBLAS on the prefill's second product (GPU diagnostic)?
+"""Does holding U's tile on chip beat cuBLAS on the prefill's second product? (GPU diagnostic;
+tried in session 11 and not shipped: results/lowrank_stationary_probe.md.)
 
-For T = 8192 rows and r ≤ 256, in one process: dense bf16; the cuBLAS two-GEMM and each of its
-GEMMs; ``h_ut`` (prefill_kernel.py: a program keeps its column block's U tile in shared memory
-and streams h's row tiles) at every tile configuration given, with TMA stores and with plain
-stores; a Triton first product (x·V, TMA loads) at a few tile shapes; and the whole forward
-as cuBLAS x·V followed by the best ``h_ut``. Each entry is timed eagerly (CUDA events, median)
-and per call inside a CUDA graph (``graph_time``), with its error against float64.
+At T = 8192, r ≤ 256, cuBLAS runs y = h·Uᵀ + b (reduction over r only) at about half of either
+roof on the H100: its kernel (nvjet 256×128, cooperative) reloads both operand tiles for every
+output tile and stores each tile before starting the next. ``h_ut`` below instead gives each
+program a run of output tiles in column-major order; it keeps the column block's U tile
+(BN × r, all of r in one TMA box, so r ≤ 256) in shared memory, streams h's row tiles
+(BM × r, STAGES buffers) and writes y through TMA stores that drain while the next tile
+multiplies (or plain stores). ``xv_triton`` is a TMA-loading Triton first product.
+
+In one process, per case: dense bf16; writing y with ``fill_`` (the bandwidth reference); the
+cuBLAS two-GEMM and each GEMM; ``h_ut`` at every tile configuration, with TMA and plain stores
+(programs per SM: 1, or 2-3 where they fit); ``xv_triton`` at a few tile shapes; cuBLAS x·V
+followed by the best ``h_ut``. Each is timed eagerly (CUDA events, median) and per call inside
+a CUDA graph (``graph_time``), with its error against float64. r = 16 has next to no
+arithmetic: it shows how fast tile stores can write y.
 
     python3 lowrank_stationary_probe.py --out $OUT/lowrank_stationary_probe
+    python3 lowrank_stationary_probe.py --report results/lowrank_stationary_probe.jsonl
 """
 
 from __future__ import annotations
@@ -22,7 +32,9 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from layerzip import cdiv
 from layerzip.bench import graph_time, machine_info, time_callable, wake_gpu
+from layerzip_lowrank.backends import lowrank_matmul_reference
 
 from lowrank_cases import make_case
 
@@ -40,6 +52,60 @@ HUT_TILES = [(128, 128, 4, 2, 1), (64, 128, 4, 3, 1), (64, 128, 4, 4, 1), (64, 2
 XV_TILES = [(64, 256, 64, 4, 4), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
             (128, 128, 64, 4, 3), (128, 128, 64, 4, 2), (128, 256, 64, 8, 2),
             (64, 128, 64, 4, 3)]
+
+
+@triton.jit
+def _h_ut_kernel(
+    h_desc, u_desc, y_desc, y_ptr, bias_ptr, M, N, syt,
+    HAS_BIAS: tl.constexpr, TMA_STORE: tl.constexpr, PROGRAMS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, STAGES: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BM)
+    total = n_m * tl.cdiv(N, BN)
+    per = tl.cdiv(total, PROGRAMS)
+    start = pid * per
+    end = tl.minimum(start + per, total)
+    # column blocks this program's run of tiles touches (tiles are numbered column-major)
+    for pn in range(start // n_m, (end - 1) // n_m + 1):
+        u = u_desc.load([pn * BN, 0])  # BN × RP, held for every row tile below
+        cols = pn * BN + tl.arange(0, BN)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        lo = tl.maximum(start - pn * n_m, 0)
+        hi = tl.minimum(end - pn * n_m, n_m)
+        for pm in tl.range(lo, hi, num_stages=STAGES):
+            a = h_desc.load([pm * BM, 0])  # BM × RP
+            acc = tl.dot(a, u.T)
+            if HAS_BIAS:
+                acc += bias[None, :]
+            out = acc.to(y_ptr.dtype.element_ty)
+            if TMA_STORE:
+                y_desc.store([pm * BM, pn * BN], out)
+            else:
+                rows = pm * BM + tl.arange(0, BM)
+                tl.store(y_ptr + rows[:, None] * syt + cols[None, :], out,
+                         mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def h_ut(h, u, bias, *, tiles, tma_store=True, occupancy=1):
+    """y = h @ uᵀ + bias (bf16/fp16, r ≤ 256 and a multiple of 8); ``tiles`` = (BM, BN,
+    num_warps, STAGES); ``occupancy`` programs per SM."""
+    t, r = h.shape
+    m = u.shape[0]
+    bm, bn, warps, stages = tiles
+    rp = max(16, triton.next_power_of_2(r))
+    y = torch.empty((t, m), device=h.device, dtype=h.dtype)
+    total = cdiv(t, bm) * cdiv(m, bn)
+    sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 3
+    per = cdiv(total, min(total, occupancy * sms))
+    programs = cdiv(total, per)
+    _h_ut_kernel[(programs,)](
+        TensorDescriptor.from_tensor(h, [bm, rp]), TensorDescriptor.from_tensor(u, [bn, rp]),
+        TensorDescriptor.from_tensor(y, [bm, bn]), y, bias if bias is not None else y, t, m,
+        y.stride(0), HAS_BIAS=bias is not None, TMA_STORE=tma_store, PROGRAMS=programs,
+        BM=bm, BN=bn, STAGES=stages, num_warps=warps)
+    return y
 
 
 @triton.jit
@@ -69,13 +135,91 @@ def rel(out, ref):
     return float((out.double() - ref).norm() / ref.norm())
 
 
+def report(path: str) -> str:
+    """Markdown tables of a run's JSON lines: GPU µs per call (graph), eager µs, and each entry
+    against what it replaces (h_ut: cuBLAS's second GEMM; xv_triton: its first; whole
+    forwards: dense)."""
+    lines = [json.loads(line) for line in open(path)]
+    cases: dict[tuple, dict] = {}
+    for row in lines[1:]:
+        cases.setdefault(tuple(row["case"]), {})[row["what"]] = row
+    out = [f"Machine: {lines[0]['machine']}", ""]
+    for (t, n, m, r), rows in cases.items():
+        base = {"h_ut": rows["cublas_gemm2"]["graph_ms"],
+                "xv_triton": rows["cublas_gemm1"]["graph_ms"]}
+        dense = rows["dense"]["graph_ms"]
+        out += [f"### T={t} {n}→{m} r={r}", "",
+                "| what | GPU µs (graph) | eager µs | vs what it replaces (GPU) | rel. error |",
+                "|---|---|---|---|---|"]
+        for what, row in rows.items():
+            if "error" in row:
+                out.append(f"| {what} | failed: {row['error'][:90]} | | | |")
+                continue
+            g = row["graph_ms"]
+            ref = base.get(what.split(" ")[0])
+            if what == "dense" or what.startswith("write"):
+                vs = ""
+            elif ref is not None:
+                vs = f"{ref / g:.2f}×"
+            else:
+                vs = f"{dense / g:.2f}× of dense" if what not in ("cublas_gemm1", "cublas_gemm2") \
+                    else ""
+            if what.startswith("write"):
+                vs = f"{t * m * 2 / (g * 1e-3) / 1e12:.2f} TB/s"
+            err = f"{row['rel_error']:.1e}" if row.get("rel_error") is not None else ""
+            out.append(f"| {what} | {g * 1e3:.1f} | {row['ms'] * 1e3:.1f} | {vs} | {err} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def probe_case(t, n, m, r, record):
+    """Every entry for one case (its tensors are freed on return)."""
+    case = [t, n, m, r]
+    x, w, u, v, b = make_case(t, n, m, r, torch.bfloat16, "cuda")
+    b = torch.randn(m, device="cuda", dtype=torch.bfloat16) * 0.1
+    h = x @ v
+    ref = (x.double() @ v.double()) @ u.double().t() + b.double()
+    ref_h = x.double() @ v.double()
+    ref_y_of_h = h.double() @ u.double().t() + b.double()
+    record(case, "dense", lambda: F.linear(x, w, b))
+    y = torch.empty((t, m), device="cuda", dtype=torch.bfloat16)
+    record(case, "write y (fill_): the bandwidth reference", lambda: y.fill_(1.0))
+    record(case, "cublas_two_gemm", lambda: lowrank_matmul_reference(x, u, v, b), ref)
+    record(case, "cublas_gemm1", lambda: x @ v, ref_h)
+    record(case, "cublas_gemm2", lambda: F.linear(h, u, b), ref_y_of_h)
+    best = None
+    for tiles in HUT_TILES:
+        for tma in (True, False):
+            name = f"h_ut {tiles} {'tma' if tma else 'plain'}_store"
+            row = record(case, name,
+                         lambda tiles=tiles, tma=tma: h_ut(h, u, b, tiles=tiles[:4],
+                                                           tma_store=tma,
+                                                           occupancy=tiles[4]),
+                         ref_y_of_h)
+            if row and isinstance(row["graph_ms"], float) and row["rel_error"] < 1e-2 \
+                    and (best is None or row["graph_ms"] < best[0]):
+                best = (row["graph_ms"], tiles, tma)
+    for tiles in XV_TILES:
+        record(case, f"xv_triton {tiles}", lambda tiles=tiles: xv_triton(x, v, tiles),
+               ref_h)
+    if best is not None:
+        _, tiles, tma = best
+        record(case, f"cublas_gemm1 + h_ut {tiles} {'tma' if tma else 'plain'}_store",
+               lambda: h_ut(x @ v, u, b, tiles=tiles[:4], tma_store=tma,
+                            occupancy=tiles[4]), ref)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
+    ap.add_argument("--report", help="print the markdown tables of a run's .jsonl and stop")
     ap.add_argument("--rounds", type=int, default=30)
     args = ap.parse_args()
-    from layerzip_lowrank.backends import lowrank_matmul_reference
-    from layerzip_lowrank.prefill_kernel import h_ut
+    if args.report:
+        print(report(args.report))
+        return
+    if not args.out:
+        ap.error("--out is required to run the probe")
 
     rows = []
 
@@ -103,40 +247,7 @@ def main():
 
     with torch.no_grad():
         for t, n, m, r in CASES:
-            case = [t, n, m, r]
-            x, w, u, v, b = make_case(t, n, m, r, torch.bfloat16, "cuda")
-            b = torch.randn(m, device="cuda", dtype=torch.bfloat16) * 0.1
-            h = x @ v
-            ref = (x.double() @ v.double()) @ u.double().t() + b.double()
-            ref_h = x.double() @ v.double()
-            ref_y_of_h = h.double() @ u.double().t() + b.double()
-            record(case, "dense", lambda: F.linear(x, w, b))
-            y = torch.empty((t, m), device="cuda", dtype=torch.bfloat16)
-            record(case, "write y (fill_): the bandwidth reference", lambda: y.fill_(1.0))
-            record(case, "cublas_two_gemm", lambda: lowrank_matmul_reference(x, u, v, b), ref)
-            record(case, "cublas_gemm1", lambda: x @ v, ref_h)
-            record(case, "cublas_gemm2", lambda: F.linear(h, u, b), ref_y_of_h)
-            best = None
-            for tiles in HUT_TILES:
-                for tma in (True, False):
-                    name = f"h_ut {tiles} {'tma' if tma else 'plain'}_store"
-                    row = record(case, name,
-                                 lambda tiles=tiles, tma=tma: h_ut(h, u, b, tiles=tiles[:4],
-                                                                   tma_store=tma,
-                                                                   occupancy=tiles[4]),
-                                 ref_y_of_h)
-                    if row and isinstance(row["graph_ms"], float) and row["rel_error"] < 1e-2 \
-                            and (best is None or row["graph_ms"] < best[0]):
-                        best = (row["graph_ms"], tiles, tma)
-            for tiles in XV_TILES:
-                record(case, f"xv_triton {tiles}", lambda tiles=tiles: xv_triton(x, v, tiles),
-                       ref_h)
-            if best is not None:
-                _, tiles, tma = best
-                record(case, f"cublas_gemm1 + h_ut {tiles} {'tma' if tma else 'plain'}_store",
-                       lambda: h_ut(x @ v, u, b, tiles=tiles[:4], tma_store=tma,
-                                    occupancy=tiles[4]), ref)
-            del x, w, u, v, b, h, y
+            probe_case(t, n, m, r, record)
             torch.cuda.empty_cache()
     with open(args.out + ".jsonl", "w") as f:
         f.write(json.dumps({"machine": machine_info()}) + "\n")
