@@ -7,14 +7,19 @@ output tile and stores each tile before starting the next. ``h_ut`` below instea
 program a run of output tiles in column-major order; it keeps the column block's U tile
 (BN × r, all of r in one TMA box, so r ≤ 256) in shared memory, streams h's row tiles
 (BM × r, STAGES buffers) and writes y through TMA stores that drain while the next tile
-multiplies (or plain stores). ``xv_triton`` is a TMA-loading Triton first product.
+multiplies (or plain stores). ``h_ut_gluon`` is the same in Gluon (Hopper only, no CPU
+interpreter), which also stores tile i − 1 while the tensor cores multiply tile i: ``tl.dot``
+waits for its product before the store that follows. ``xv_triton`` is a TMA-loading Triton
+first product.
 
 In one process, per case: dense bf16; writing y with ``fill_`` (the bandwidth reference); the
 cuBLAS two-GEMM and each GEMM; ``h_ut`` at every tile configuration, with TMA and plain stores
-(programs per SM: 1, or 2-3 where they fit); ``xv_triton`` at a few tile shapes; cuBLAS x·V
-followed by the best ``h_ut``. Each is timed eagerly (CUDA events, median) and per call inside
-a CUDA graph (``graph_time``), with its error against float64. r = 16 has next to no
-arithmetic: it shows how fast tile stores can write y.
+(programs per SM: 1, or 2-3 where they fit); ``h_ut_gluon`` at a few; ``xv_triton`` at a few
+tile shapes; cuBLAS x·V followed by the best ``h_ut`` and by the best ``h_ut_gluon``. Each
+is timed eagerly (CUDA events, median) and per call inside a CUDA graph (``graph_time``), with
+its error against float64. r = 16 has next to no arithmetic: it shows how fast tile stores can
+write y. ``--only REGEX`` times only the entries whose names match, ``--cases 0,1`` only those
+cases.
 
     python3 lowrank_stationary_probe.py --out $OUT/lowrank_stationary_probe
     python3 lowrank_stationary_probe.py --report results/lowrank_stationary_probe.jsonl
@@ -24,12 +29,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                              warpgroup_mma, warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from layerzip import cdiv
@@ -47,6 +58,10 @@ HUT_TILES = [(128, 128, 4, 2, 1), (64, 128, 4, 3, 1), (64, 128, 4, 4, 1), (64, 2
              (128, 64, 4, 2, 1), (64, 64, 4, 4, 1),
              (64, 64, 4, 2, 2), (64, 64, 4, 1, 2), (64, 128, 4, 1, 2), (128, 64, 4, 1, 2),
              (64, 64, 4, 2, 3), (64, 32, 4, 2, 3)]
+# (BM, BN, num_warps, STAGES, C_BUFS) for h_ut_gluon; shared memory = STAGES·BM·r + BN·r +
+# C_BUFS·BM·BN. BN = 256 halves the reads of h per output (8 warps: two accumulators fit)
+HUT_GLUON_TILES = [(64, 128, 4, 4, 2), (64, 128, 4, 3, 2), (64, 256, 8, 2, 1),
+                   (64, 128, 8, 4, 2), (64, 256, 8, 1, 2)]
 # (BM, BN, BK, num_warps, STAGES) for the Triton x·V
 # (two programs per SM where two fit: 128 × 128 at 2-3 stages, 128 × 256 at 2)
 XV_TILES = [(64, 256, 64, 4, 4), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
@@ -108,6 +123,125 @@ def h_ut(h, u, bias, *, tiles, tma_store=True, occupancy=1):
     return y
 
 
+@gluon.jit
+def _h_ut_gluon_kernel(h_desc, u_desc, y_desc, bias_ptr, M, N,
+                       HAS_BIAS: gl.constexpr, PROGRAMS: gl.constexpr, STAGES: gl.constexpr,
+                       C_BUFS: gl.constexpr, num_warps: gl.constexpr):
+    BM: gl.constexpr = y_desc.block_type.shape[0]
+    BN: gl.constexpr = y_desc.block_type.shape[1]
+    RP: gl.constexpr = h_desc.block_type.shape[1]
+    dtype: gl.constexpr = h_desc.dtype
+    # warpgroups beyond the first split N (BM = 64 rows is one warpgroup's M)
+    WARPS_N: gl.constexpr = num_warps // 4
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, WARPS_N], instr_shape=[16, BN // WARPS_N, 16])
+    bias_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)
+
+    a_bufs = gl.allocate_shared_memory(dtype, [STAGES, BM, RP], h_desc.layout)
+    u_smem = gl.allocate_shared_memory(dtype, [BN, RP], u_desc.layout)
+    c_bufs = gl.allocate_shared_memory(dtype, [C_BUFS, BM, BN], y_desc.layout)
+    a_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    u_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(a_bars.index(s), count=1)
+    mbarrier.init(u_bar, count=1)
+
+    n_m = gl.cdiv(M, BM)
+    total = n_m * gl.cdiv(N, BN)
+    per = gl.cdiv(total, PROGRAMS)
+    start = gl.program_id(0) * per
+    count = min(start + per, total) - start
+
+    # prologue: the first column block's U and the first STAGES tiles of h
+    pn_cur = start // n_m
+    mbarrier.expect(u_bar, u_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(u_desc, [pn_cur * BN, 0], u_bar, u_smem)
+    for s in gl.static_range(STAGES):
+        ok = s < count
+        mbarrier.expect(a_bars.index(s), h_desc.block_type.nbytes, pred=ok)
+        tma.async_copy_global_to_shared(h_desc, [((start + s) % n_m) * BM, 0], a_bars.index(s),
+                                        a_bufs.index(s), pred=ok)
+    cols = pn_cur * BN + gl.arange(0, BN, layout=bias_layout)
+    bias = gl.zeros([BN], gl.float32, bias_layout)
+    if HAS_BIAS:
+        bias = gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
+    mbarrier.wait(u_bar, 0)
+    u_phase = 1
+
+    zero = gl.zeros([BM, BN], gl.float32, acc_layout)
+    prev = zero
+    prev_bias = bias
+    prev_m = 0
+    prev_n = 0
+    for i in range(count):
+        t = start + i
+        pn = t // n_m
+        pm = t % n_m
+        if pn != pn_cur:  # a new column block: no product is in flight, so U may be replaced
+            mbarrier.expect(u_bar, u_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(u_desc, [pn * BN, 0], u_bar, u_smem)
+            cols = pn * BN + gl.arange(0, BN, layout=bias_layout)
+            if HAS_BIAS:
+                bias = gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
+            mbarrier.wait(u_bar, u_phase)
+            u_phase ^= 1
+            pn_cur = pn
+        slot = i % STAGES
+        mbarrier.wait(a_bars.index(slot), (i // STAGES) & 1)
+        acc = warpgroup_mma(a_bufs.index(slot), u_smem.permute((1, 0)), zero, use_acc=False,
+                            is_async=True)
+        # while the tensor cores multiply tile i, store tile i - 1
+        if i > 0:
+            c = c_bufs.index((i - 1) % C_BUFS)
+            tma.store_wait(C_BUFS - 1)  # the store that last read this buffer is done
+            c.store((prev + prev_bias[None, :]).to(dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(y_desc, [prev_m * BM, prev_n * BN], c)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        # tile i's buffer of h is free again: fill it with tile i + STAGES
+        nxt = i + STAGES
+        ok = nxt < count
+        mbarrier.expect(a_bars.index(slot), h_desc.block_type.nbytes, pred=ok)
+        tma.async_copy_global_to_shared(h_desc, [((start + nxt) % n_m) * BM, 0],
+                                        a_bars.index(slot), a_bufs.index(slot), pred=ok)
+        prev = acc
+        prev_bias = bias
+        prev_m = pm
+        prev_n = pn
+    if count > 0:
+        c = c_bufs.index((count - 1) % C_BUFS)
+        tma.store_wait(C_BUFS - 1)
+        c.store((prev + prev_bias[None, :]).to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(y_desc, [prev_m * BM, prev_n * BN], c)
+    tma.store_wait(0)
+
+
+def h_ut_gluon(h, u, bias, *, tiles):
+    """h_ut in Gluon (Hopper only: no interpreter), storing tile i − 1 while the tensor cores
+    multiply tile i; ``tiles`` = (BM, BN, num_warps, STAGES, staging buffers of y)."""
+    t, r = h.shape
+    m = u.shape[0]
+    bm, bn, warps, stages, c_bufs = tiles
+    rp = max(16, triton.next_power_of_2(r))
+    y = torch.empty((t, m), device=h.device, dtype=h.dtype)
+    gdt = gl.bfloat16 if h.dtype == torch.bfloat16 else gl.float16
+
+    def desc(x, block):
+        return GluonTensorDescriptor.from_tensor(
+            x, block, gl.NVMMASharedLayout.get_default_for(block, gdt))
+
+    total = cdiv(t, bm) * cdiv(m, bn)
+    sms = torch.cuda.get_device_properties(h.device).multi_processor_count
+    per = cdiv(total, min(total, sms))
+    programs = cdiv(total, per)
+    _h_ut_gluon_kernel[(programs,)](
+        desc(h, [bm, rp]), desc(u, [bn, rp]), desc(y, [bm, bn]),
+        bias if bias is not None else y, t, m, HAS_BIAS=bias is not None, PROGRAMS=programs,
+        STAGES=stages, C_BUFS=c_bufs, num_warps=warps)
+    return y
+
+
 @triton.jit
 def _xv_kernel(x_desc, v_desc, h_desc, K, BM: tl.constexpr, BN: tl.constexpr,
                BK: tl.constexpr, STAGES: tl.constexpr):
@@ -146,6 +280,7 @@ def report(path: str) -> str:
     out = [f"Machine: {lines[0]['machine']}", ""]
     for (t, n, m, r), rows in cases.items():
         base = {"h_ut": rows["cublas_gemm2"]["graph_ms"],
+                "h_ut_gluon": rows["cublas_gemm2"]["graph_ms"],
                 "xv_triton": rows["cublas_gemm1"]["graph_ms"]}
         dense = rows["dense"]["graph_ms"]
         out += [f"### T={t} {n}→{m} r={r}", "",
@@ -188,17 +323,28 @@ def probe_case(t, n, m, r, record):
     record(case, "cublas_gemm1", lambda: x @ v, ref_h)
     record(case, "cublas_gemm2", lambda: F.linear(h, u, b), ref_y_of_h)
     best = None
+    best_gluon = (float("inf"), None)
     for tiles in HUT_TILES:
-        for tma in (True, False):
-            name = f"h_ut {tiles} {'tma' if tma else 'plain'}_store"
+        for tma_store in (True, False):
+            name = f"h_ut {tiles} {'tma' if tma_store else 'plain'}_store"
             row = record(case, name,
-                         lambda tiles=tiles, tma=tma: h_ut(h, u, b, tiles=tiles[:4],
-                                                           tma_store=tma,
-                                                           occupancy=tiles[4]),
+                         lambda tiles=tiles, tma_store=tma_store: h_ut(
+                             h, u, b, tiles=tiles[:4], tma_store=tma_store,
+                             occupancy=tiles[4]),
                          ref_y_of_h)
             if row and isinstance(row["graph_ms"], float) and row["rel_error"] < 1e-2 \
                     and (best is None or row["graph_ms"] < best[0]):
-                best = (row["graph_ms"], tiles, tma)
+                best = (row["graph_ms"], tiles, tma_store)
+    for tiles in HUT_GLUON_TILES:
+        row = record(case, f"h_ut_gluon {tiles}",
+                     lambda tiles=tiles: h_ut_gluon(h, u, b, tiles=tiles), ref_y_of_h)
+        if row and isinstance(row["graph_ms"], float) and row["rel_error"] < 1e-2 \
+                and row["graph_ms"] < best_gluon[0]:
+            best_gluon = (row["graph_ms"], tiles)
+    if best_gluon[1] is not None:
+        tiles = best_gluon[1]
+        record(case, f"cublas_gemm1 + h_ut_gluon {tiles}",
+               lambda: h_ut_gluon(x @ v, u, b, tiles=tiles), ref)
     for tiles in XV_TILES:
         record(case, f"xv_triton {tiles}", lambda tiles=tiles: xv_triton(x, v, tiles),
                ref_h)
@@ -214,6 +360,8 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--report", help="print the markdown tables of a run's .jsonl and stop")
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--only", help="time only the entries whose name matches this regex")
+    ap.add_argument("--cases", help="comma-separated indices into CASES (default: all)")
     args = ap.parse_args()
     if args.report:
         print(report(args.report))
@@ -224,6 +372,8 @@ def main():
     rows = []
 
     def record(case, name, fn, ref=None):
+        if args.only and not re.search(args.only, name):
+            return None
         t0 = time.perf_counter()
         try:
             out = fn()
@@ -246,7 +396,8 @@ def main():
         return rows[-1]
 
     with torch.no_grad():
-        for t, n, m, r in CASES:
+        picked = [CASES[int(i)] for i in args.cases.split(",")] if args.cases else CASES
+        for t, n, m, r in picked:
             probe_case(t, n, m, r, record)
             torch.cuda.empty_cache()
     with open(args.out + ".jsonl", "w") as f:
