@@ -23,8 +23,6 @@ error against float64.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +31,12 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from layerzip import cdiv
-from layerzip.bench import graph_time, machine_info, time_callable, wake_gpu
 from layerzip_lowrank.backends import lowrank_matmul_reference
 from layerzip_lowrank.fp8_kernel import (FP8_MAX, fp8_lowrank, quantize_activation_rows,
                                          quantize_factors)
 
 from lowrank_cases import make_case
+from probe_runs import ProbeRecorder, read_cases
 
 CASES = [(8192, 4096, 4096, 256), (8192, 4096, 4096, 512), (8192, 4096, 4096, 1024),
          (8192, 4096, 11008, 256), (8192, 4096, 11008, 512)]
@@ -117,19 +115,12 @@ class DelayedFP8:
         return y[:, :self.f.m] if y.shape[1] != self.f.m else y
 
 
-def rel(out, ref):
-    return float((out.double() - ref).norm() / ref.norm())
-
-
 def report(path: str) -> str:
     """Markdown tables of a run: GPU µs per call (graph), eager µs, and each entry against the
     bf16 GEMM it would replace (first GEMMs against cuBLAS's bf16 x·V, whole forwards against
     the bf16 two-GEMM)."""
-    lines = [json.loads(line) for line in open(path)]
-    cases: dict[tuple, dict] = {}
-    for row in lines[1:]:
-        cases.setdefault(tuple(row["case"]), {})[row["what"]] = row
-    out = [f"Machine: {lines[0]['machine']}", ""]
+    machine, cases = read_cases(path)
+    out = [f"Machine: {machine}", ""]
     for (t, n, m, r), rows in cases.items():
         gemm1, whole = rows["bf16_gemm1"]["graph_ms"], rows["bf16_two_gemm"]["graph_ms"]
         out += [f"### T={t} {n}→{m} r={r}", "",
@@ -160,40 +151,12 @@ def main():
         return
     if not args.out:
         ap.error("--out is required to run the probe")
-    rows = []
-
-    def record(case, name, fn, ref=None):
-        t0 = time.perf_counter()
-        try:
-            out = fn()
-            torch.cuda.synchronize()
-        except Exception as exc:  # noqa: BLE001 - a probe records what failed
-            rows.append({"case": case, "what": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
-            print(json.dumps(rows[-1]), flush=True)
-            return None
-        first_s = time.perf_counter() - t0
-        wake_gpu()
-        eager = time_callable(fn, rounds=args.rounds, warmup=5).median * 1e3
-        try:
-            graphed = graph_time(fn, rounds=args.rounds).median * 1e3
-        except Exception as exc:  # noqa: BLE001
-            graphed = f"{type(exc).__name__}: {exc}"[:200]
-        err = None
-        if ref is not None:
-            err = rel(out[0].float() * out[1] if isinstance(out, tuple) else out, ref)
-        rows.append({"case": case, "what": name, "ms": eager, "graph_ms": graphed,
-                     "first_call_s": first_s, "rel_error": err})
-        print(json.dumps(rows[-1]), flush=True)
-        return rows[-1]
-
+    record = ProbeRecorder(args.rounds)
     with torch.no_grad():
         for t, n, m, r in CASES:
             probe_case(t, n, m, r, record)
             torch.cuda.empty_cache()
-    with open(args.out + ".jsonl", "w") as f:
-        f.write(json.dumps({"machine": machine_info()}) + "\n")
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    record.write(args.out + ".jsonl")
 
 
 def probe_case(t, n, m, r, record):
@@ -215,7 +178,7 @@ def probe_case(t, n, m, r, record):
     best = None
     for tiles in TILES:
         row = record(case, f"xv_fp8_static {tiles}", lambda tiles=tiles: state.xv(x, tiles),
-                     ref_h)
+                     ref_h, dequantize=lambda hs: hs[0].float() * hs[1])
         if row and isinstance(row["graph_ms"], float) and row["rel_error"] < 0.1 \
                 and (best is None or row["graph_ms"] < best[0]):
             best = (row["graph_ms"], tiles)

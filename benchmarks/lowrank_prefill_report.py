@@ -6,9 +6,9 @@ graph) and eager time of each entry, with its speedup over dense and over the bf
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
+
+from probe_runs import read_cases
 
 
 # whole forwards; the other entries are pieces of one (their speedups would mean nothing)
@@ -17,11 +17,7 @@ WHOLE = {"dense", "bf16_two_gemm", "persistent", "fp8_rows", "fp8_groups_in_gemm
 
 
 def main(path: str) -> None:
-    lines = [json.loads(line) for line in Path(path).read_text().splitlines()]
-    machine = lines[0].get("machine")
-    cases: dict[tuple, dict] = {}
-    for row in lines[1:]:
-        cases.setdefault(tuple(row["case"]), {})[row["what"]] = row
+    machine, cases = read_cases(path)
     out = [f"Machine: {machine}", ""]
     for (t, n, m, r), rows in cases.items():
         dense = rows["dense"]["graph_ms"]

@@ -28,9 +28,6 @@ cases.
 from __future__ import annotations
 
 import argparse
-import json
-import re
-import time
 
 import torch
 import torch.nn.functional as F
@@ -44,10 +41,10 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTen
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from layerzip import cdiv
-from layerzip.bench import graph_time, machine_info, time_callable, wake_gpu
 from layerzip_lowrank.backends import lowrank_matmul_reference
 
 from lowrank_cases import make_case
+from probe_runs import ProbeRecorder, read_cases
 
 # r = 16: next to no arithmetic, so h_ut and cuBLAS show how fast tile stores can write y
 CASES = [(8192, 4096, 4096, 256), (8192, 4096, 11008, 256), (8192, 4096, 4096, 128),
@@ -265,19 +262,12 @@ def xv_triton(x, v, tiles):
     return h
 
 
-def rel(out, ref):
-    return float((out.double() - ref).norm() / ref.norm())
-
-
 def report(path: str) -> str:
     """Markdown tables of a run's JSON lines: GPU µs per call (graph), eager µs, and each entry
     against what it replaces (h_ut: cuBLAS's second GEMM; xv_triton: its first; whole
     forwards: dense)."""
-    lines = [json.loads(line) for line in open(path)]
-    cases: dict[tuple, dict] = {}
-    for row in lines[1:]:
-        cases.setdefault(tuple(row["case"]), {})[row["what"]] = row
-    out = [f"Machine: {lines[0]['machine']}", ""]
+    machine, cases = read_cases(path)
+    out = [f"Machine: {machine}", ""]
     for (t, n, m, r), rows in cases.items():
         base = {"h_ut": rows["cublas_gemm2"]["graph_ms"],
                 "h_ut_gluon": rows["cublas_gemm2"]["graph_ms"],
@@ -369,41 +359,13 @@ def main():
     if not args.out:
         ap.error("--out is required to run the probe")
 
-    rows = []
-
-    def record(case, name, fn, ref=None):
-        if args.only and not re.search(args.only, name):
-            return None
-        t0 = time.perf_counter()
-        try:
-            out = fn()
-            torch.cuda.synchronize()
-        except Exception as exc:  # noqa: BLE001 - a probe records what failed
-            rows.append({"case": case, "what": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
-            print(json.dumps(rows[-1]), flush=True)
-            return None
-        first_s = time.perf_counter() - t0
-        wake_gpu()
-        eager = time_callable(fn, rounds=args.rounds, warmup=5).median * 1e3
-        try:
-            graphed = graph_time(fn, rounds=args.rounds).median * 1e3
-        except Exception as exc:  # noqa: BLE001
-            graphed = f"{type(exc).__name__}: {exc}"[:200]
-        rows.append({"case": case, "what": name, "ms": eager, "graph_ms": graphed,
-                     "first_call_s": first_s,
-                     "rel_error": None if ref is None else rel(out, ref)})
-        print(json.dumps(rows[-1]), flush=True)
-        return rows[-1]
-
+    record = ProbeRecorder(args.rounds, args.only)
     with torch.no_grad():
         picked = [CASES[int(i)] for i in args.cases.split(",")] if args.cases else CASES
         for t, n, m, r in picked:
             probe_case(t, n, m, r, record)
             torch.cuda.empty_cache()
-    with open(args.out + ".jsonl", "w") as f:
-        f.write(json.dumps({"machine": machine_info()}) + "\n")
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    record.write(args.out + ".jsonl")
 
 
 if __name__ == "__main__":

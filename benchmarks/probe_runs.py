@@ -1,0 +1,80 @@
+"""What the GPU probes share: timing an entry the same way every time, keeping the rows as JSON
+lines, and reading them back per case for a report.
+
+A row is {"case", "what", "ms" (eager: median of CUDA-event-timed calls), "graph_ms" (per call
+inside a CUDA graph, ``graph_time``; the error text if the call cannot be captured),
+"first_call_s", "rel_error"} or, when the first call raises, {"case", "what", "error"}: a probe
+records what failed and goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Callable
+
+import torch
+
+from layerzip.bench import graph_time, machine_info, time_callable, wake_gpu
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error of ``out`` against ``ref`` (float64)."""
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+class ProbeRecorder:
+    """``record(case, name, fn, ref)`` times ``fn`` and appends its row (printed as it comes);
+    ``only`` (a regex) skips the entries whose names do not match; ``dequantize`` turns an
+    output into the tensor compared with ``ref`` (e.g. e4m3 values and their scales)."""
+
+    def __init__(self, rounds: int = 30, only: str | None = None):
+        self.rounds = rounds
+        self.only = only
+        self.rows: list[dict] = []
+
+    def __call__(self, case, name: str, fn: Callable[[], object], ref: torch.Tensor | None = None,
+                 dequantize: Callable[[object], torch.Tensor] | None = None) -> dict | None:
+        if self.only and not re.search(self.only, name):
+            return None
+        t0 = time.perf_counter()
+        try:
+            out = fn()
+            torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001 - a probe records what failed
+            return self._add({"case": case, "what": name,
+                              "error": f"{type(exc).__name__}: {exc}"[:300]})
+        first_s = time.perf_counter() - t0
+        wake_gpu()
+        eager = time_callable(fn, rounds=self.rounds, warmup=5).median * 1e3
+        try:
+            graphed = graph_time(fn, rounds=self.rounds).median * 1e3
+        except Exception as exc:  # noqa: BLE001
+            graphed = f"{type(exc).__name__}: {exc}"[:200]
+        err = None
+        if ref is not None:
+            err = rel(dequantize(out) if dequantize else out, ref)
+        return self._add({"case": case, "what": name, "ms": eager, "graph_ms": graphed,
+                          "first_call_s": first_s, "rel_error": err})
+
+    def _add(self, row: dict) -> dict:
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        return row
+
+    def write(self, path: str) -> None:
+        """The machine's description, then every row, as JSON lines."""
+        with open(path, "w") as f:
+            f.write(json.dumps({"machine": machine_info()}) + "\n")
+            for row in self.rows:
+                f.write(json.dumps(row) + "\n")
+
+
+def read_cases(path: str) -> tuple[dict, dict[tuple, dict[str, dict]]]:
+    """(machine, {case: {what: row}}) of a probe's JSON lines, in recorded order."""
+    lines = [json.loads(line) for line in open(path)]
+    cases: dict[tuple, dict[str, dict]] = {}
+    for row in lines[1:]:
+        cases.setdefault(tuple(row["case"]), {})[row["what"]] = row
+    return lines[0].get("machine"), cases
