@@ -36,7 +36,7 @@ from layerzip_lowrank.fp8_kernel import (FP8_MAX, fp8_lowrank, quantize_activati
                                          quantize_factors)
 
 from lowrank_cases import make_case
-from probe_runs import ProbeRecorder, read_cases
+from probe_runs import ProbeRecorder, report_tables
 
 CASES = [(8192, 4096, 4096, 256), (8192, 4096, 4096, 512), (8192, 4096, 4096, 1024),
          (8192, 4096, 11008, 256), (8192, 4096, 11008, 512)]
@@ -116,28 +116,15 @@ class DelayedFP8:
 
 
 def report(path: str) -> str:
-    """Markdown tables of a run: GPU µs per call (graph), eager µs, and each entry against the
-    bf16 GEMM it would replace (first GEMMs against cuBLAS's bf16 x·V, whole forwards against
-    the bf16 two-GEMM)."""
-    machine, cases = read_cases(path)
-    out = [f"Machine: {machine}", ""]
-    for (t, n, m, r), rows in cases.items():
-        gemm1, whole = rows["bf16_gemm1"]["graph_ms"], rows["bf16_two_gemm"]["graph_ms"]
-        out += [f"### T={t} {n}→{m} r={r}", "",
-                "| what | GPU µs (graph) | eager µs | vs bf16 (GPU) | rel. error |",
-                "|---|---|---|---|---|"]
-        for what, row in rows.items():
-            if "error" in row:
-                out.append(f"| {what} | failed: {row['error'][:90]} | | | |")
-                continue
-            g = row["graph_ms"]
-            first = what.startswith(("xv_", "fp8_gemm1"))
-            vs = "" if what in ("dense", "bf16_two_gemm", "bf16_gemm1") else \
-                f"{(gemm1 if first else whole) / g:.2f}×"
-            err = f"{row['rel_error']:.1e}" if row.get("rel_error") is not None else ""
-            out.append(f"| {what} | {g * 1e3:.1f} | {row['ms'] * 1e3:.1f} | {vs} | {err} |")
-        out.append("")
-    return "\n".join(out)
+    """Markdown tables of a run: each entry against the bf16 GEMM it would replace (first GEMMs
+    against cuBLAS's bf16 x·V, whole forwards against the bf16 two-GEMM)."""
+    def vs(case, rows, what, row):
+        if what in ("dense", "bf16_two_gemm", "bf16_gemm1"):
+            return [""]
+        base = "bf16_gemm1" if what.startswith(("xv_", "fp8_gemm1")) else "bf16_two_gemm"
+        return [f"{rows[base]['graph_ms'] / row['graph_ms']:.2f}×"]
+
+    return report_tables(path, ["vs bf16 (GPU)"], vs)
 
 
 def main():

@@ -44,7 +44,7 @@ from layerzip import cdiv
 from layerzip_lowrank.backends import lowrank_matmul_reference
 
 from lowrank_cases import make_case
-from probe_runs import ProbeRecorder, read_cases
+from probe_runs import ProbeRecorder, report_tables
 
 # r = 16: next to no arithmetic, so h_ut and cuBLAS show how fast tile stores can write y
 CASES = [(8192, 4096, 4096, 256), (8192, 4096, 11008, 256), (8192, 4096, 4096, 128),
@@ -263,38 +263,22 @@ def xv_triton(x, v, tiles):
 
 
 def report(path: str) -> str:
-    """Markdown tables of a run's JSON lines: GPU µs per call (graph), eager µs, and each entry
-    against what it replaces (h_ut: cuBLAS's second GEMM; xv_triton: its first; whole
-    forwards: dense)."""
-    machine, cases = read_cases(path)
-    out = [f"Machine: {machine}", ""]
-    for (t, n, m, r), rows in cases.items():
-        base = {"h_ut": rows["cublas_gemm2"]["graph_ms"],
-                "h_ut_gluon": rows["cublas_gemm2"]["graph_ms"],
-                "xv_triton": rows["cublas_gemm1"]["graph_ms"]}
-        dense = rows["dense"]["graph_ms"]
-        out += [f"### T={t} {n}→{m} r={r}", "",
-                "| what | GPU µs (graph) | eager µs | vs what it replaces (GPU) | rel. error |",
-                "|---|---|---|---|---|"]
-        for what, row in rows.items():
-            if "error" in row:
-                out.append(f"| {what} | failed: {row['error'][:90]} | | | |")
-                continue
-            g = row["graph_ms"]
-            ref = base.get(what.split(" ")[0])
-            if what == "dense" or what.startswith("write"):
-                vs = ""
-            elif ref is not None:
-                vs = f"{ref / g:.2f}×"
-            else:
-                vs = f"{dense / g:.2f}× of dense" if what not in ("cublas_gemm1", "cublas_gemm2") \
-                    else ""
-            if what.startswith("write"):
-                vs = f"{t * m * 2 / (g * 1e-3) / 1e12:.2f} TB/s"
-            err = f"{row['rel_error']:.1e}" if row.get("rel_error") is not None else ""
-            out.append(f"| {what} | {g * 1e3:.1f} | {row['ms'] * 1e3:.1f} | {vs} | {err} |")
-        out.append("")
-    return "\n".join(out)
+    """Markdown tables of a run's JSON lines: each entry against what it replaces (h_ut: cuBLAS's
+    second GEMM; xv_triton: its first; whole forwards: dense), ``fill_`` as bandwidth."""
+    replaces = {"h_ut": "cublas_gemm2", "h_ut_gluon": "cublas_gemm2", "xv_triton": "cublas_gemm1"}
+
+    def vs(case, rows, what, row):
+        g = row["graph_ms"]
+        if what.startswith("write"):
+            return [f"{case[0] * case[2] * 2 / (g * 1e-3) / 1e12:.2f} TB/s"]
+        if what in ("dense", "cublas_gemm1", "cublas_gemm2"):
+            return [""]
+        base = replaces.get(what.split(" ")[0])
+        if base:
+            return [f"{rows[base]['graph_ms'] / g:.2f}×"]
+        return [f"{rows['dense']['graph_ms'] / g:.2f}× of dense"]
+
+    return report_tables(path, ["vs what it replaces (GPU)"], vs)
 
 
 def probe_case(t, n, m, r, record):

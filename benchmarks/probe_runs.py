@@ -1,5 +1,5 @@
 """What the GPU probes share: timing an entry the same way every time, keeping the rows as JSON
-lines, and reading them back per case for a report.
+lines, and reading them back as one markdown table per case.
 
 A row is {"case", "what", "ms" (eager: median of CUDA-event-timed calls), "graph_ms" (per call
 inside a CUDA graph, ``graph_time``; the error text if the call cannot be captured),
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -78,3 +78,32 @@ def read_cases(path: str) -> tuple[dict, dict[tuple, dict[str, dict]]]:
     for row in lines[1:]:
         cases.setdefault(tuple(row["case"]), {})[row["what"]] = row
     return lines[0].get("machine"), cases
+
+
+def report_tables(path: str, headers: Sequence[str],
+                  cells: Callable[[tuple, dict[str, dict], str, dict], Sequence[str]],
+                  name: Callable[[str], str] = str, what: str = "what") -> str:
+    """Markdown: the machine, then per case a table of every entry's GPU µs per call (graph),
+    eager µs, the columns ``headers`` filled by ``cells(case, rows of the case, what, row)``,
+    and its relative error; ``name`` renders an entry's name (e.g. indents pieces) under the
+    first column's header ``what``."""
+    machine, cases = read_cases(path)
+    out = [f"Machine: {machine}", ""]
+    blank = " |" * (len(headers) + 2)
+    for case, rows in cases.items():
+        t, n, m, r = case
+        out += [f"### T={t} {n}→{m} r={r}", "",
+                f"| {what} | GPU µs (graph) | eager µs | {' | '.join(headers)} | rel. error |",
+                "|---" * (len(headers) + 4) + "|"]
+        for entry, row in rows.items():
+            if "error" in row:
+                out.append(f"| {name(entry)} | failed: {row['error'][:90]} |{blank}")
+                continue
+            g = row["graph_ms"]
+            gs = f"{g * 1e3:.1f}" if isinstance(g, float) else str(g)
+            extra = cells(case, rows, entry, row) if isinstance(g, float) else [""] * len(headers)
+            err = f"{row['rel_error']:.1e}" if row.get("rel_error") is not None else ""
+            out.append(f"| {name(entry)} | {gs} | {row['ms'] * 1e3:.1f} | "
+                       + " | ".join(extra) + f" | {err} |")
+        out.append("")
+    return "\n".join(out)
