@@ -22,7 +22,6 @@ error against float64.
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +35,7 @@ from layerzip_lowrank.fp8_kernel import (FP8_MAX, fp8_lowrank, quantize_activati
                                          quantize_factors)
 
 from lowrank_cases import make_case
-from probe_runs import ProbeRecorder, report_tables
+from probe_runs import probe_main, report_tables
 
 CASES = [(8192, 4096, 4096, 256), (8192, 4096, 4096, 512), (8192, 4096, 4096, 1024),
          (8192, 4096, 11008, 256), (8192, 4096, 11008, 512)]
@@ -127,23 +126,6 @@ def report(path: str) -> str:
     return report_tables(path, ["vs bf16 (GPU)"], vs)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out")
-    ap.add_argument("--report", help="print the markdown tables of a run's .jsonl and stop")
-    ap.add_argument("--rounds", type=int, default=30)
-    args = ap.parse_args()
-    if args.report:
-        print(report(args.report))
-        return
-    if not args.out:
-        ap.error("--out is required to run the probe")
-    record = ProbeRecorder(args.rounds)
-    with torch.no_grad():
-        for t, n, m, r in CASES:
-            probe_case(t, n, m, r, record)
-            torch.cuda.empty_cache()
-    record.write(args.out + ".jsonl")
 
 
 def probe_case(t, n, m, r, record):
@@ -175,4 +157,4 @@ def probe_case(t, n, m, r, record):
 
 
 if __name__ == "__main__":
-    main()
+    probe_main(CASES, probe_case, report)

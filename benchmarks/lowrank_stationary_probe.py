@@ -27,7 +27,6 @@ cases.
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +43,7 @@ from layerzip import cdiv
 from layerzip_lowrank.backends import lowrank_matmul_reference
 
 from lowrank_cases import make_case
-from probe_runs import ProbeRecorder, report_tables
+from probe_runs import probe_main, report_tables
 
 # r = 16: next to no arithmetic, so h_ut and cuBLAS show how fast tile stores can write y
 CASES = [(8192, 4096, 4096, 256), (8192, 4096, 11008, 256), (8192, 4096, 4096, 128),
@@ -329,28 +328,7 @@ def probe_case(t, n, m, r, record):
                             occupancy=tiles[4]), ref)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out")
-    ap.add_argument("--report", help="print the markdown tables of a run's .jsonl and stop")
-    ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--only", help="time only the entries whose name matches this regex")
-    ap.add_argument("--cases", help="comma-separated indices into CASES (default: all)")
-    args = ap.parse_args()
-    if args.report:
-        print(report(args.report))
-        return
-    if not args.out:
-        ap.error("--out is required to run the probe")
-
-    record = ProbeRecorder(args.rounds, args.only)
-    with torch.no_grad():
-        picked = [CASES[int(i)] for i in args.cases.split(",")] if args.cases else CASES
-        for t, n, m, r in picked:
-            probe_case(t, n, m, r, record)
-            torch.cuda.empty_cache()
-    record.write(args.out + ".jsonl")
 
 
 if __name__ == "__main__":
-    main()
+    probe_main(CASES, probe_case, report)

@@ -9,6 +9,7 @@ records what failed and goes on.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import time
@@ -107,3 +108,29 @@ def report_tables(path: str, headers: Sequence[str],
                        + " | ".join(extra) + f" | {err} |")
         out.append("")
     return "\n".join(out)
+
+
+def probe_main(cases: Sequence[tuple], probe_case: Callable[..., None],
+               report: Callable[[str], str]) -> None:
+    """Command line of a probe: ``--out PREFIX`` runs ``probe_case(t, n, m, r, record)`` for
+    each case (``--cases 0,2`` picks some, ``--only REGEX`` some entries, ``--rounds``) and
+    writes PREFIX.jsonl; ``--report PATH`` prints the markdown tables of a run."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    ap.add_argument("--report", help="print the markdown tables of a run's .jsonl and stop")
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--only", help="time only the entries whose name matches this regex")
+    ap.add_argument("--cases", help="comma-separated indices into the cases (default: all)")
+    args = ap.parse_args()
+    if args.report:
+        print(report(args.report))
+        return
+    if not args.out:
+        ap.error("--out is required to run the probe")
+    record = ProbeRecorder(args.rounds, args.only)
+    picked = [cases[int(i)] for i in args.cases.split(",")] if args.cases else cases
+    with torch.no_grad():
+        for t, n, m, r in picked:
+            probe_case(t, n, m, r, record)
+            torch.cuda.empty_cache()
+    record.write(args.out + ".jsonl")
