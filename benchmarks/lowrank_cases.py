@@ -30,6 +30,15 @@ def make_case(t, n, m, r, dtype, device, seed=0):
     return x, w, u, v, b
 
 
+def probe_inputs(t, n, m, r, device="cuda"):
+    """bf16 x, w, u, v and a non-zero bias for the probes, with the float64 references of
+    h = x v and of y = h uᵀ + b."""
+    x, w, u, v, _ = make_case(t, n, m, r, torch.bfloat16, device)
+    b = torch.randn(m, device=device, dtype=torch.bfloat16) * 0.1
+    ref_h = x.double() @ v.double()
+    return x, w, u, v, b, ref_h, ref_h @ u.double().t() + b.double()
+
+
 def kernel_error(backend, x, u, v, b) -> float:
     ref = (x.double() @ v.double()) @ u.double().t() + b.double()
     out = backend(x, u, v, b).double()

@@ -34,7 +34,7 @@ from layerzip_lowrank.backends import lowrank_matmul_reference
 from layerzip_lowrank.fp8_kernel import (FP8_MAX, fp8_lowrank, quantize_activation_rows,
                                          quantize_factors)
 
-from lowrank_cases import make_case
+from lowrank_cases import probe_inputs
 from probe_runs import probe_main, report_tables
 
 CASES = [(8192, 4096, 4096, 256), (8192, 4096, 4096, 512), (8192, 4096, 4096, 1024),
@@ -126,14 +126,9 @@ def report(path: str) -> str:
     return report_tables(path, ["vs bf16 (GPU)"], vs)
 
 
-
-
 def probe_case(t, n, m, r, record):
     case = [t, n, m, r]
-    x, w, u, v, b = make_case(t, n, m, r, torch.bfloat16, "cuda")
-    b = torch.randn(m, device="cuda", dtype=torch.bfloat16) * 0.1
-    ref = (x.double() @ v.double()) @ u.double().t() + b.double()
-    ref_h = x.double() @ v.double()
+    x, w, u, v, b, ref_h, ref = probe_inputs(t, n, m, r)
     state = DelayedFP8(x, u, v)
     f = state.f
     xq, xs = quantize_activation_rows(x)

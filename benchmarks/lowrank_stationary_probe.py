@@ -42,7 +42,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from layerzip import cdiv
 from layerzip_lowrank.backends import lowrank_matmul_reference
 
-from lowrank_cases import make_case
+from lowrank_cases import probe_inputs
 from probe_runs import probe_main, report_tables
 
 # r = 16: next to no arithmetic, so h_ut and cuBLAS show how fast tile stores can write y
@@ -283,11 +283,8 @@ def report(path: str) -> str:
 def probe_case(t, n, m, r, record):
     """Every entry for one case (its tensors are freed on return)."""
     case = [t, n, m, r]
-    x, w, u, v, b = make_case(t, n, m, r, torch.bfloat16, "cuda")
-    b = torch.randn(m, device="cuda", dtype=torch.bfloat16) * 0.1
+    x, w, u, v, b, ref_h, ref = probe_inputs(t, n, m, r)
     h = x @ v
-    ref = (x.double() @ v.double()) @ u.double().t() + b.double()
-    ref_h = x.double() @ v.double()
     ref_y_of_h = h.double() @ u.double().t() + b.double()
     record(case, "dense", lambda: F.linear(x, w, b))
     y = torch.empty((t, m), device="cuda", dtype=torch.bfloat16)
