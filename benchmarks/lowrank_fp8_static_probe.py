@@ -35,7 +35,7 @@ from layerzip_lowrank.fp8_kernel import (FP8_MAX, fp8_lowrank, quantize_activati
                                          quantize_factors)
 
 from lowrank_cases import probe_inputs
-from probe_runs import probe_main, report_tables
+from probe_runs import faster, probe_main, report_tables
 
 CASES = [(8192, 4096, 4096, 256), (8192, 4096, 4096, 512), (8192, 4096, 4096, 1024),
          (8192, 4096, 11008, 256), (8192, 4096, 11008, 512)]
@@ -143,9 +143,7 @@ def probe_case(t, n, m, r, record):
     for tiles in TILES:
         row = record(case, f"xv_fp8_static {tiles}", lambda tiles=tiles: state.xv(x, tiles),
                      ref_h, dequantize=lambda hs: hs[0].float() * hs[1])
-        if row and isinstance(row["graph_ms"], float) and row["rel_error"] < 0.1 \
-                and (best is None or row["graph_ms"] < best[0]):
-            best = (row["graph_ms"], tiles)
+        best = faster(best, row, tiles, 0.1)
     if best is not None:
         tiles = best[1]
         record(case, f"fp8_delayed {tiles}", lambda: state.forward(x, b, tiles), ref)

@@ -43,7 +43,7 @@ from layerzip import cdiv
 from layerzip_lowrank.backends import lowrank_matmul_reference
 
 from lowrank_cases import probe_inputs
-from probe_runs import probe_main, report_tables
+from probe_runs import faster, probe_main, report_tables
 
 # r = 16: next to no arithmetic, so h_ut and cuBLAS show how fast tile stores can write y
 CASES = [(8192, 4096, 4096, 256), (8192, 4096, 11008, 256), (8192, 4096, 4096, 128),
@@ -99,6 +99,15 @@ def _h_ut_kernel(
                          mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
+def _programs(total: int, device: torch.device, per_sm: int = 1) -> int:
+    """Programs of a persistent launch: each takes ⌈total / slots⌉ consecutive tiles, and a
+    program left without tiles is not launched (the interpreter: 3 slots a "device")."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count \
+        if device.type == "cuda" else 3
+    per = cdiv(total, min(total, per_sm * sms))
+    return cdiv(total, per)
+
+
 def h_ut(h, u, bias, *, tiles, tma_store=True, occupancy=1):
     """y = h @ uᵀ + bias (bf16/fp16, r ≤ 256 and a multiple of 8); ``tiles`` = (BM, BN,
     num_warps, STAGES); ``occupancy`` programs per SM."""
@@ -107,10 +116,7 @@ def h_ut(h, u, bias, *, tiles, tma_store=True, occupancy=1):
     bm, bn, warps, stages = tiles
     rp = max(16, triton.next_power_of_2(r))
     y = torch.empty((t, m), device=h.device, dtype=h.dtype)
-    total = cdiv(t, bm) * cdiv(m, bn)
-    sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 3
-    per = cdiv(total, min(total, occupancy * sms))
-    programs = cdiv(total, per)
+    programs = _programs(cdiv(t, bm) * cdiv(m, bn), h.device, occupancy)
     _h_ut_kernel[(programs,)](
         TensorDescriptor.from_tensor(h, [bm, rp]), TensorDescriptor.from_tensor(u, [bn, rp]),
         TensorDescriptor.from_tensor(y, [bm, bn]), y, bias if bias is not None else y, t, m,
@@ -227,10 +233,7 @@ def h_ut_gluon(h, u, bias, *, tiles):
         return GluonTensorDescriptor.from_tensor(
             x, block, gl.NVMMASharedLayout.get_default_for(block, gdt))
 
-    total = cdiv(t, bm) * cdiv(m, bn)
-    sms = torch.cuda.get_device_properties(h.device).multi_processor_count
-    per = cdiv(total, min(total, sms))
-    programs = cdiv(total, per)
+    programs = _programs(cdiv(t, bm) * cdiv(m, bn), h.device)
     _h_ut_gluon_kernel[(programs,)](
         desc(h, [bm, rp]), desc(u, [bn, rp]), desc(y, [bm, bn]),
         bias if bias is not None else y, t, m, HAS_BIAS=bias is not None, PROGRAMS=programs,
@@ -292,8 +295,7 @@ def probe_case(t, n, m, r, record):
     record(case, "cublas_two_gemm", lambda: lowrank_matmul_reference(x, u, v, b), ref)
     record(case, "cublas_gemm1", lambda: x @ v, ref_h)
     record(case, "cublas_gemm2", lambda: F.linear(h, u, b), ref_y_of_h)
-    best = None
-    best_gluon = (float("inf"), None)
+    best = best_gluon = None
     for tiles in HUT_TILES:
         for tma_store in (True, False):
             name = f"h_ut {tiles} {'tma' if tma_store else 'plain'}_store"
@@ -302,16 +304,12 @@ def probe_case(t, n, m, r, record):
                              h, u, b, tiles=tiles[:4], tma_store=tma_store,
                              occupancy=tiles[4]),
                          ref_y_of_h)
-            if row and isinstance(row["graph_ms"], float) and row["rel_error"] < 1e-2 \
-                    and (best is None or row["graph_ms"] < best[0]):
-                best = (row["graph_ms"], tiles, tma_store)
+            best = faster(best, row, (tiles, tma_store, name), 1e-2)
     for tiles in HUT_GLUON_TILES:
         row = record(case, f"h_ut_gluon {tiles}",
                      lambda tiles=tiles: h_ut_gluon(h, u, b, tiles=tiles), ref_y_of_h)
-        if row and isinstance(row["graph_ms"], float) and row["rel_error"] < 1e-2 \
-                and row["graph_ms"] < best_gluon[0]:
-            best_gluon = (row["graph_ms"], tiles)
-    if best_gluon[1] is not None:
+        best_gluon = faster(best_gluon, row, tiles, 1e-2)
+    if best_gluon is not None:
         tiles = best_gluon[1]
         record(case, f"cublas_gemm1 + h_ut_gluon {tiles}",
                lambda: h_ut_gluon(x @ v, u, b, tiles=tiles), ref)
@@ -319,12 +317,10 @@ def probe_case(t, n, m, r, record):
         record(case, f"xv_triton {tiles}", lambda tiles=tiles: xv_triton(x, v, tiles),
                ref_h)
     if best is not None:
-        _, tiles, tma = best
-        record(case, f"cublas_gemm1 + h_ut {tiles} {'tma' if tma else 'plain'}_store",
-               lambda: h_ut(x @ v, u, b, tiles=tiles[:4], tma_store=tma,
+        tiles, tma_store, name = best[1]
+        record(case, f"cublas_gemm1 + {name}",
+               lambda: h_ut(x @ v, u, b, tiles=tiles[:4], tma_store=tma_store,
                             occupancy=tiles[4]), ref)
-
-
 
 
 if __name__ == "__main__":

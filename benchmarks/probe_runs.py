@@ -72,6 +72,14 @@ class ProbeRecorder:
                 f.write(json.dumps(row) + "\n")
 
 
+def faster(best: tuple | None, row: dict | None, choice, max_error: float) -> tuple | None:
+    """(GPU ms, choice) of whichever is faster, ``best`` or this recorded ``row`` (when it was
+    captured in a graph and its error is below ``max_error``): the running pick of a sweep."""
+    if not row or not isinstance(row.get("graph_ms"), float) or row["rel_error"] >= max_error:
+        return best
+    return (row["graph_ms"], choice) if best is None or row["graph_ms"] < best[0] else best
+
+
 def read_cases(path: str) -> tuple[dict, dict[tuple, dict[str, dict]]]:
     """(machine, {case: {what: row}}) of a probe's JSON lines, in recorded order."""
     lines = [json.loads(line) for line in open(path)]
