@@ -140,3 +140,24 @@ def _is_slow(fn) -> bool:
     fn()
     return Slow.calls > before
 
+
+
+def test_while_compiling_only_a_measured_graph_choice_is_taken(measured, monkeypatch):
+    """torch.compile's tracing cannot time anything: before a shape is measured eagerly the
+    backend declines it (the module runs the op's reference); after, the choice measured for
+    graphs serves, without measuring again."""
+    import layerzip.backends
+
+    monkeypatch.setattr(layerzip.backends, "_graph_seconds",
+                        lambda fn: 1e-6 if _is_slow(fn) else 1e-3)
+    x, w = torch.randn(4, 8), torch.randn(8, 3)
+    with monkeypatch.context() as tracing:
+        tracing.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert not measured.accepts(x, w)
+    measured(x, w)  # eager: measures
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert measured.accepts(x, w)
+    before = Slow.calls
+    torch.testing.assert_close(measured(x, w), x @ w)
+    assert Slow.calls == before + 1, "the graph choice ran, once, unmeasured"
+    assert not measured.accepts(x, torch.randn(8, 5)), "another shape: not measured yet"

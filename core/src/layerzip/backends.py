@@ -125,8 +125,10 @@ class MeasuredBackend(Backend):
     Calls that need gradients are measured separately and choose among differentiable backends
     only, so this backend is itself differentiable; :attr:`Backend.lossy` backends are never
     candidates, so its results match the reference's accuracy. Choices are cached in
-    :attr:`choices` and :attr:`graph_choices`. Not available without a CUDA GPU: on a CPU there
-    is one real kernel per op."""
+    :attr:`choices` and :attr:`graph_choices`. While torch.compile traces, nothing can be timed:
+    a call gets its shape's graph choice if that kernel can be traced (a custom op), else the
+    reference — so call a model eagerly once per input shape before compiling it. Not available
+    without a CUDA GPU: on a CPU there is one real kernel per op."""
 
     name: ClassVar[str] = "autotune"
     priority: ClassVar[int] = 30
@@ -145,7 +147,7 @@ class MeasuredBackend(Backend):
         return True, ""
 
     def supports(self, x: Tensor) -> bool:
-        return x.device.type == "cuda" and not torch.compiler.is_compiling()
+        return x.device.type == "cuda"
 
     def shape_key(self, x: Tensor, *args) -> tuple:
         """What, with device, dtype and the token count's power-of-two bucket, keys a choice."""
@@ -158,12 +160,37 @@ class MeasuredBackend(Backend):
                 if b.name != self.name and b.name not in self.skip and not b.lossy
                 and b.available()[0] and b.supports(x) and (b.differentiable or not grad)]
 
-    def __call__(self, x: Tensor, *args):
+    def _key(self, x: Tensor, *args) -> tuple:
         grad = torch.is_grad_enabled() and (x.requires_grad or any(
             isinstance(a, Tensor) and a.requires_grad for a in args))
         t = x.numel() // max(x.shape[-1], 1)
-        key = (x.device, x.dtype, 1 << max(0, (t - 1).bit_length()), grad,
-               *self.shape_key(x, *args))
+        return (x.device, x.dtype, 1 << max(0, (t - 1).bit_length()), grad,
+                *self.shape_key(x, *args))
+
+    def _compiled_choice(self, x: Tensor, *args) -> Backend | None:
+        """While torch.compile traces nothing can be timed: the choice measured for CUDA graphs
+        (a compiled step runs much as a captured one) if its kernel can be traced (a custom
+        op), else None. Measured by an eager call of the same shape before compiling."""
+        best = self.graph_choices.get(self._key(x, *args))
+        return best if best is not None and best.accepts(x, *args) else None
+
+    def accepts(self, x: Tensor, *params: Tensor | None) -> bool:
+        if torch.compiler.is_compiling():
+            # declined before a measurement: the module runs the op's reference, which a
+            # compiled graph can hold (resolving it here would trace the plugin registry)
+            return self._compiled_choice(x, *params) is not None
+        return super().accepts(x, *params)
+
+    def __call__(self, x: Tensor, *args):
+        if torch.compiler.is_compiling():
+            best = self._compiled_choice(x, *args)
+            if best is None:  # a direct call, not through accepts
+                from .plugins import get_registry
+
+                best = get_registry().reference_backend(self.op)
+            return best(x, *args)
+        key = self._key(x, *args)
+        grad = key[3]
         if graph_capturing():
             # timing synchronizes, which would break the capture: the choice measured for
             # graphs serves, or, before any measurement, the highest-priority candidate
