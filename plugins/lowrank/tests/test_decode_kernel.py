@@ -219,3 +219,88 @@ def _load_sources(ptx: str, params: dict[str, str]) -> list[str]:
 
     return [origin(re.search(r"\[\s*(%rd\d+)", line).group(1))
             for line in ptx.splitlines() if "ld.global" in line]
+
+
+def _graph_ops(module, x, **compile_kw):
+    """Compile ``module`` whole (fullgraph: a graph break fails) with a backend that records
+    the graph's call targets and runs it; (output, targets)."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    with torch.no_grad():
+        out = torch.compile(module, backend=backend, fullgraph=True, **compile_kw)(x)
+    return out, seen
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_module_holds_the_decode_kernel_as_one_op(dynamic):
+    # under torch.compile the kernel is the custom op layerzip_lowrank::decode (ops.py), not
+    # the two-GEMM reference the module fell back to before; its output matches eager
+    from layerzip_lowrank import LowRankLinear
+
+    x, u, v, b = case(16, 128, 96, 32, torch.float16, seed=5)
+    m = LowRankLinear(96, 128, 32, backend="triton_decode").to(DEVICE, torch.float16)
+    with torch.no_grad():
+        m.u.copy_(u), m.v.copy_(v), m.bias.copy_(b)
+        eager = m(x)
+    out, seen = _graph_ops(m, x, dynamic=dynamic)
+    assert sum("layerzip_lowrank.decode" in s for s in seen) == 1, seen
+    assert not any("linear" in s for s in seen), seen  # no reference GEMMs beside it
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    assert rel_error(out, x, u, v, b) < 1e-2
+
+
+@pytest.mark.skipif(not ON_GPU, reason="inductor + CUDA graphs (mode='reduce-overhead')")
+def test_compiled_chain_with_cuda_graphs_matches_eager():
+    # a chain of decode layers with elementwise ops between them, compiled by inductor and
+    # replayed from its CUDA graphs: the kernel's scratch and dependent launches must hold up
+    from layerzip_lowrank import LowRankLinear
+
+    layers = torch.nn.ModuleList(
+        LowRankLinear(512, 512, 64, backend="triton_decode") for _ in range(4)
+    ).to(DEVICE, torch.bfloat16)
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            _, u, v, b = case(16, 512, 512, 64, torch.bfloat16, seed=i)
+            layer.u.copy_(u), layer.v.copy_(v), layer.bias.copy_(b)
+
+    def step(x):
+        for layer in layers:
+            x = x + torch.nn.functional.silu(layer(x))
+        return x
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for seed in range(4):  # warm-up, record, replays with new inputs
+            x = torch.randn(16, 512, generator=torch.Generator().manual_seed(seed)
+                            ).to(DEVICE, torch.bfloat16)
+            ref = step(x)
+            out = compiled(x).clone()
+            assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+
+
+@pytest.mark.parametrize("measured", [False, True], ids=["before_measuring", "measured"])
+def test_compiled_autotune_uses_its_graph_choice_or_the_reference(measured, monkeypatch):
+    # nothing is timed while torch.compile traces: a shape whose graph choice was measured
+    # (here set by hand: the CPU cannot time a GPU kernel) compiles to that kernel's op, an
+    # unmeasured one to the reference GEMMs
+    from layerzip_lowrank import LowRankLinear
+    from layerzip_lowrank.backends import LowRankMeasuredBackend
+
+    tuner = LowRankMeasuredBackend()
+    monkeypatch.setattr(tuner, "supports", lambda x: True)  # the real one: CUDA inputs only
+    x, u, v, b = case(16, 128, 96, 32, torch.float16, seed=9)
+    m = LowRankLinear(96, 128, 32).to(DEVICE, torch.float16)
+    m._kernel = tuner
+    with torch.no_grad():
+        m.u.copy_(u), m.v.copy_(v), m.bias.copy_(b)
+    if measured:
+        key = (x.device, x.dtype, 16, False, *tuner.shape_key(x, m.u, m.v, m.bias))
+        tuner.graph_choices[key] = TritonDecodeBackend()
+    out, seen = _graph_ops(m, x)
+    assert sum("layerzip_lowrank.decode" in s for s in seen) == int(measured), seen
+    assert any("linear" in s for s in seen) != measured, seen
+    assert rel_error(out, x, u, v, b) < 1e-2

@@ -94,3 +94,25 @@ def test_auto_never_picks_the_interpreter():
 
     if not ON_GPU:
         assert layerzip.get_backend("lowrank_matmul").name == "torch"
+
+
+def test_compiled_module_holds_the_fused_kernel_as_one_op():
+    # under torch.compile the fused kernel is the custom op layerzip_lowrank::fused (ops.py)
+    from layerzip_lowrank import LowRankLinear
+
+    m = LowRankLinear(48, 40, 8, backend="triton").to(DEVICE)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    with torch.no_grad():
+        m.u.normal_(), m.v.normal_(), m.bias.normal_()
+        x = torch.randn(2, 24, 40, device=DEVICE)
+        out = torch.compile(m, backend=backend, fullgraph=True)(x)
+        torch.testing.assert_close(out, m(x), rtol=0, atol=0)
+        torch.testing.assert_close(out, lowrank_matmul_reference(x, m.u, m.v, m.bias),
+                                   rtol=2e-2 if ON_GPU else 1e-5,
+                                   atol=2e-2 if ON_GPU else 1e-5)
+    assert sum("layerzip_lowrank.fused" in s for s in seen) == 1, seen

@@ -182,11 +182,16 @@ class TritonBackend(TritonKernelBackend):
     name = "triton"
     gpu_priority = 10
     description = "fused two-GEMM Triton kernel, T×r intermediate kept in L2; inference only"
+    compile_safe = True  # under torch.compile the kernel runs as a custom op (ops.py)
 
     def supports(self, x):
         return super().supports(x) and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
     def __call__(self, x, u, v, bias):
+        if torch.compiler.is_compiling():
+            from .ops import fused
+
+            return fused(x, u, v, bias)
         from .triton_kernel import lowrank_fused
 
         return lowrank_fused(x, u, v, bias)
@@ -201,6 +206,7 @@ class TritonDecodeBackend(TritonKernelBackend):
     gpu_priority = -5  # 'autotune' measures it against the others; plain 'auto' keeps torch
     description = "persistent split-K Triton kernel for ≤ 64 rows (decode), one launch; " \
                   "inference only"
+    compile_safe = True  # under torch.compile the kernel runs as a custom op (ops.py)
 
     def supports(self, x):
         from .decode_kernel import MAX_ROWS
@@ -209,6 +215,10 @@ class TritonDecodeBackend(TritonKernelBackend):
             x.numel() // max(x.shape[-1], 1) <= MAX_ROWS
 
     def __call__(self, x, u, v, bias):
+        if torch.compiler.is_compiling():
+            from .ops import decode
+
+            return decode(x, u, v, bias)
         from .decode_kernel import lowrank_decode
 
         return lowrank_decode(x, u, v, bias)

@@ -44,6 +44,7 @@ Inference only (no autograd); bf16/fp16 inputs with T ≤ 64 rows.
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 
@@ -201,10 +202,41 @@ def _scratch_for(device: torch.device, bt: int, rp: int, g: int, fused: bool):
     if h is None or h.numel() < bt * rp:
         if h is not None:  # CUDA graphs captured earlier still point at the old ones
             _retired.append((h, counter))
-        h = torch.zeros(bt * rp, device=device, dtype=torch.float32)
-        counter = torch.zeros(1, device=device, dtype=torch.int64)
+        h, counter = _zeros(device, (bt * rp, torch.float32), (1, torch.int64))
         _scratch[key] = (h, counter)
     return h, counter
+
+
+def _zeros(device: torch.device, *specs: tuple[int, torch.dtype]) -> list[torch.Tensor]:
+    """Zeroed tensors of these (size, dtype)s that no CUDA graph's private memory pool holds.
+
+    While torch.compile(mode="reduce-overhead") warms up a CUDA graph, every allocation made
+    by this thread comes from that graph's pool, which must hold only tensors the graph tracks
+    as outputs (else: "tensors in the cudagraph pool not tracked as outputs"). The scratch
+    outlives every graph, so a helper thread allocates it from the ordinary pool and waits
+    for the zeros. Inside a capture (no other thread may allocate then, in torch.cuda.graph's
+    default mode) it is allocated here: that capture's pool keeps it, as its graph needs."""
+    def make():
+        return [torch.zeros(n, device=device, dtype=dt) for n, dt in specs]
+
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return make()
+    made, failed = [], []
+
+    def work():
+        try:
+            with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
+                made.extend(make())
+                torch.cuda.current_stream().synchronize()
+        except BaseException as e:  # re-raised in the calling thread
+            failed.append(e)
+
+    helper = threading.Thread(target=work, name="layerzip-decode-scratch")
+    helper.start()
+    helper.join()
+    if failed:
+        raise failed[0]
+    return made
 
 
 @functools.lru_cache(maxsize=1024)
