@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 COLUMNS = [("case", "{}"), ("residual_fraction", "{:g}"), ("residual_structure", "{}"),
-           ("backend", "{}"), ("graphs", "{}"),
+           ("backend", "{}"), ("graphs", "{}"), ("mode", "{}"),
            ("dense_ms", "{:.4f}"), ("lowrank_ms", "{:.4f}"), ("speedup", "{:.2f}×"),
            ("dense_single_graph_ms", "{:.4f}"), ("lowrank_single_graph_ms", "{:.4f}"),
            ("lowrank_calls_per_replay", "{}"),
@@ -20,7 +20,8 @@ COLUMNS = [("case", "{}"), ("residual_fraction", "{:g}"), ("residual_structure",
            ("efficiency_bytes", "{:.0%}"), ("lowrank_tflops", "{:.0f}"),
            ("dense_backward_ms", "{:.4f}"), ("kron_backward_ms", "{:.4f}"),
            ("backward_speedup", "{:.2f}×"), ("graph_backward_speedup", "{:.2f}×"),
-           ("kernel_rel_error", "{:.1e}"), ("graph_error", "{}"), ("config", "{}")]
+           ("kernel_rel_error", "{:.1e}"), ("compiled_rel_error", "{:.1e}"),
+           ("graph_error", "{}"), ("config", "{}")]
 
 
 def rows_of(data: dict) -> list[dict]:

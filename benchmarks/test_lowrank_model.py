@@ -1,7 +1,15 @@
 """End to end: a LLaMA-7B-shaped stack of decoder projections (q, k, v, o: 4096→4096; gate, up:
 4096→11008; down: 11008→4096; SiLU gating; random bf16 weights — speed only, no accuracy claim),
 every linear dense vs low-rank (rank 256, compressed with layerzip.compress + rsvd), prefill
-(T=8192) and a decode step (T=16), eager and CUDA-graph captured."""
+(T=8192) and a decode step (T=16), eager and CUDA-graph captured. The decode step is also timed
+as a user would run it: torch.compile of both stacks (inductor fuses the elementwise ops; the
+low-rank kernels are custom ops in its graph), captured in a CUDA graph as
+mode="reduce-overhead" would (captured here by layerzip.bench.graphed, so that the GPU's time is
+measured as in the "graphs" rows, without the host time of torch's graph bookkeeping), with
+inductor's programmatic dependent launches off and on — on, its elementwise kernels let the next
+kernel start early, which is what the decode kernel's weight prefetch needs to overlap them."""
+
+import contextlib
 
 import pytest
 import torch
@@ -28,22 +36,40 @@ class Block(nn.Module):
         return x + self.down(nn.functional.silu(self.gate(x)) * self.up(x))
 
 
+def compiled(model, pdl: bool):
+    """(torch.compile(model), settings): compilation happens at the first call, so that call
+    must come inside ``settings()`` (inductor's enable_pdl)."""
+    import torch._dynamo
+    import torch._inductor.config as inductor
+
+    torch._dynamo.reset()  # every case compiles afresh (and never hits the recompile limit)
+    if pdl and not hasattr(inductor.triton, "enable_pdl"):
+        pytest.skip(f"torch {torch.__version__}'s inductor has no enable_pdl")
+    settings = (lambda: inductor.patch({"triton.enable_pdl": pdl})) \
+        if hasattr(inductor.triton, "enable_pdl") else contextlib.nullcontext
+    return torch.compile(model, fullgraph=True), settings
+
+
 def stack():
     torch.manual_seed(0)
     return nn.Sequential(*[Block() for _ in range(BLOCKS)]).cuda().bfloat16().eval()
 
 
-# triton_decode takes at most 64 rows, so it is only paired with the decode step
-STACK_CASES = [(tokens, backend) for tokens in (8192, 16)
-               for backend in ("torch", "triton", "triton_decode")
-               if not (backend == "triton_decode" and tokens > 64)]
+# triton_decode takes at most 64 rows, so it is only paired with the decode step; compiled
+# runs only for the decode step (prefill is two large GEMMs per layer either way) and for the
+# backends a decode user would pick ('auto' is autotune on a GPU: measured eagerly first)
+STACK_CASES = [(tokens, backend, mode) for tokens in (8192, 16)
+               for backend in ("torch", "triton", "triton_decode", "auto")
+               for mode in ("eager", "graphs", "compile", "compile_pdl")
+               if not (backend == "triton_decode" and tokens > 64)
+               and not (backend == "auto" and mode in ("eager", "graphs"))
+               and not (mode.startswith("compile") and (tokens > 64 or backend == "triton"))]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
-@pytest.mark.parametrize("tokens,backend", STACK_CASES, ids=[
-    f"{'prefill' if t > 64 else 'decode'}{t}-{b}" for t, b in STACK_CASES])
-def test_projection_stack(benchmark, backend, graphs, tokens):
+@pytest.mark.parametrize("tokens,backend,mode", STACK_CASES, ids=[
+    f"{'prefill' if t > 64 else 'decode'}{t}-{b}-{mode}" for t, b, mode in STACK_CASES])
+def test_projection_stack(benchmark, backend, mode, tokens):
     dense = stack()
     low = stack()
     layerzip.compress(low, {"rules": [{"targets": ["Linear"], "method": "rsvd",
@@ -51,14 +77,25 @@ def test_projection_stack(benchmark, backend, graphs, tokens):
                       progress=False)
     x = torch.randn(tokens, HIDDEN, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
+        eager = low(x)  # autotune measures here, before any capture or compile
         fd, fl = (lambda: dense(x)), (lambda: low(x))
-        fl()
-        if graphs:
+        if mode == "graphs":
             fd, fl = graphed(fd), graphed(fl)
+        elif mode.startswith("compile"):
+            cd, settings = compiled(dense, pdl=mode == "compile_pdl")
+            cl, _ = compiled(low, pdl=mode == "compile_pdl")
+            with settings():
+                cd(x), cl(x)  # compile
+            out = cl(x)
+            fd, fl = graphed(lambda: cd(x)), graphed(lambda: cl(x))
+            err = float((out.float() - eager.float()).norm() / eager.float().norm())
+            assert err < 2e-2, f"the compiled low-rank stack is off by {err:.1e}"
+            benchmark.extra_info["compiled_rel_error"] = err
         td = time_callable(fd, rounds=30, warmup=5)
         tl = time_callable(fl, rounds=30, warmup=5)
         pedantic(benchmark, fl, rounds=10)
-    benchmark.extra_info.update({"tokens": tokens, "backend": backend, "graphs": graphs,
+    benchmark.extra_info.update({"tokens": tokens, "backend": backend,
+                                 "graphs": mode != "eager", "mode": mode,
                                  "dense_ms": td.median * 1e3, "lowrank_ms": tl.median * 1e3,
                                  "speedup": td.median / tl.median,
                                  "flop_ratio": (4 * HIDDEN ** 2 + 3 * HIDDEN * INTER) /
