@@ -107,12 +107,14 @@ def test_compiled_module_holds_the_fused_kernel_as_one_op():
         seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
         return gm.forward
 
+    g = torch.Generator().manual_seed(11)
     with torch.no_grad():
-        m.u.normal_(), m.v.normal_(), m.bias.normal_()
-        x = torch.randn(2, 24, 40, device=DEVICE)
+        for p in (m.u, m.v, m.bias):
+            p.copy_(torch.randn(p.shape, generator=g))
+        x = torch.randn(2, 24, 40, generator=g).to(DEVICE)
         out = torch.compile(m, backend=backend, fullgraph=True)(x)
         torch.testing.assert_close(out, m(x), rtol=0, atol=0)
-        torch.testing.assert_close(out, lowrank_matmul_reference(x, m.u, m.v, m.bias),
-                                   rtol=2e-2 if ON_GPU else 1e-5,
-                                   atol=2e-2 if ON_GPU else 1e-5)
+        ref = lowrank_matmul_reference(x.double(), m.u.double(), m.v.double(), m.bias.double())
+    # a norm-relative error: elementwise tolerances fail by chance where terms cancel
+    assert float((out.double() - ref).norm() / ref.norm()) < (1e-2 if ON_GPU else 1e-6)
     assert sum("layerzip_lowrank.fused" in s for s in seen) == 1, seen
