@@ -40,11 +40,11 @@ def launcher(x, u, v, b, phase: int, p: dict, g: int):
     meta = {k: p[k] for k in ("BT", "KC", "BR", "BN", "BK2", "RP")}
 
     def run():
-        _DECODE((g,), x, v, u, b, h, y, counter, t, n, m, r, p["N_RB"], p["N_UNITS"],
+        _DECODE((g,), x, v, u, b, h, y, counter, counter, t, n, m, r, p["N_RB"], p["N_UNITS"],
                 p["N_TILES"], p["TW"], g, x.stride(0), x.stride(1), v.stride(0), v.stride(1),
                 u.stride(0), u.stride(1), y.stride(0), y.stride(1), HAS_BIAS=True,
-                PHASE=phase, PREFETCH=p["PREFETCH"] and phase != 1, PDL=True, ZERO_H=False,
-                **meta, num_warps=p["warps"], launch_pdl=True)
+                PHASE=phase, PREFETCH=p["PREFETCH"] if phase != 1 else 0, PDL=True, ZERO_H=False,
+                TRACE=False, **meta, num_warps=p["warps"], launch_pdl=True)
     return run
 
 

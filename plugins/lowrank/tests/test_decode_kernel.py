@@ -157,12 +157,13 @@ def test_dependent_launches_wait_for_the_layer_before(graphed, mode):
 
 DECODE_SIGNATURE = {
     **{p: "*bf16" for p in ("x_ptr", "v_ptr", "u_ptr", "b_ptr")}, "h_ptr": "*fp32",
-    "y_ptr": "*bf16", "sync_ptr": "*i64",
+    "y_ptr": "*bf16", "sync_ptr": "*i64", "trace_ptr": "*i64",
     **{p: "i32" for p in ("T", "N_IN", "M_OUT", "R", "N_RB", "N_UNITS", "N_TILES", "TW", "G",
                           "sxt", "svn", "sum_", "syt")},
     # unit strides: the launcher specializes an integer argument equal to 1 as a constant
     **{p: "constexpr" for p in ("sxn", "svr", "sur", "sym", "HAS_BIAS", "PHASE", "BT", "KC",
-                                "BR", "BN", "BK2", "RP", "PREFETCH", "PDL", "ZERO_H")}}
+                                "BR", "BN", "BK2", "RP", "PREFETCH", "PDL", "ZERO_H",
+                                "TRACE")}}
 
 
 @pytest.mark.parametrize("m", [11008, 4096])
@@ -178,7 +179,8 @@ def test_fused_dependent_launch_compiles_for_hopper(m):
     p = plan(16, 4096, m, 256, 132)
     assert p["PREFETCH"]
     ptx = compile_ptx("layerzip_lowrank.decode_kernel", "_decode_kernel", DECODE_SIGNATURE,
-                      {"HAS_BIAS": True, "PHASE": 0, "PDL": True, "ZERO_H": True, "sxn": 1,
+                      {"HAS_BIAS": True, "PHASE": 0, "PDL": True, "ZERO_H": True,
+                       "TRACE": False, "sxn": 1,
                        "svr": 1, "sur": 1, "sym": 1,
                        **{k: p[k] for k in ("BT", "KC", "BR", "BN", "BK2", "RP", "PREFETCH")}},
                       num_warps=p["warps"],

@@ -22,11 +22,12 @@ share it.
 
 On compute capability ≥ 9 the kernel is a programmatic dependent launch (``pdl``, default on):
 it may start while the previous kernel on the stream still runs, reads only weights — its first
-V tile and (``prefetch``) its first U tile — then waits for that kernel (griddepcontrol.wait:
-x may be its output, h and the counter are shared with it) and lets the next kernel start
-likewise. Only a previous kernel that allows it overlaps (ours do; torch's elementwise kernels
-do not): back to back, a layer takes 7.2 instead of 9.1 µs at 4096→11008 on the H100; after
-an elementwise op, no change (benchmarks/results/history/lowrank_decode_tune_session6_pdl.md).
+V tile and (``prefetch``) its first U tile — then waits for that kernel
+(griddepcontrol.wait: x may be its output, h and the counter are shared with it) and lets the
+next kernel start likewise. Only a previous kernel that allows it overlaps (ours do; torch's
+elementwise kernels do not): back to back, a layer takes 7.2 instead of 9.1 µs at 4096→11008
+on the H100; after an elementwise op, no change
+(benchmarks/results/history/lowrank_decode_tune_session6_pdl.md).
 Phase 2 may also run as its own dependent launch (``split``, a tuning option: measured no
 faster). Issuing the first V tile's reads before the prefetched U tile's (phase 1 needs V
 first) measured 0.1-0.7 µs slower and was dropped (commit 5e9c9c3 has it;
@@ -63,15 +64,30 @@ MAX_ROWS = 64
 if triton is not None:
 
     @triton.jit
+    def _stamp(trace_ptr, pid, slot: tl.constexpr, TRACE: tl.constexpr):
+        """With TRACE (a diagnostic: benchmarks/lowrank_decode_timeline.py), this program's
+        SM cycle counter into its row of 8 int64 at ``slot``."""
+        if TRACE:
+            now = tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=tl.int64,
+                                            is_pure=False, pack=1)
+            tl.store(trace_ptr + pid * 8 + slot, now)
+
+    @triton.jit
     def _decode_kernel(
-        x_ptr, v_ptr, u_ptr, b_ptr, h_ptr, y_ptr, sync_ptr,
+        x_ptr, v_ptr, u_ptr, b_ptr, h_ptr, y_ptr, sync_ptr, trace_ptr,
         T, N_IN, M_OUT, R, N_RB, N_UNITS, N_TILES, TW, G,
         sxt, sxn, svn, svr, sum_, sur, syt, sym,
         HAS_BIAS: tl.constexpr, PHASE: tl.constexpr, BT: tl.constexpr, KC: tl.constexpr,
         BR: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr, RP: tl.constexpr,
-        PREFETCH: tl.constexpr, PDL: tl.constexpr, ZERO_H: tl.constexpr,
+        PREFETCH: tl.constexpr, PDL: tl.constexpr, ZERO_H: tl.constexpr, TRACE: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if TRACE:  # the SM and the global clock (ns) place the program; cycles time its steps
+            tl.store(trace_ptr + pid * 8, tl.extra.cuda.smid().to(tl.int64))
+            tl.store(trace_ptr + pid * 8 + 1, tl.extra.cuda.globaltimer())
+        _stamp(trace_ptr, pid, 2, TRACE)
+        if not PDL:
+            _stamp(trace_ptr, pid, 3, TRACE)  # nothing to wait for inside the kernel
         rows = tl.arange(0, BT)
         rmask = rows < T
         # this program's first output tile of U does not depend on h: with PREFETCH it is
@@ -99,6 +115,7 @@ if triton is not None:
                              mask=has0 & (ks0[:, None] < N_IN) & (rs0[None, :] < R), other=0.0)
                 tl.extra.cuda.gdc_wait()
                 tl.extra.cuda.gdc_launch_dependents()
+                _stamp(trace_ptr, pid, 3, TRACE)
                 x0 = tl.load(x_ptr + rows[:, None] * sxt + ks0[None, :] * sxn,
                              mask=has0 & rmask[:, None] & (ks0[None, :] < N_IN), other=0.0)
                 tl.atomic_add(h_ptr + rows[:, None] * RP + rs0[None, :], tl.dot(x0, v0),
@@ -120,9 +137,11 @@ if triton is not None:
             # grid barrier: arrive (release: this program's atomics above are visible), then
             # wait until all G programs of this call have arrived (acquire)
             ticket = tl.atomic_add(sync_ptr, 1, sem="acq_rel")
+            _stamp(trace_ptr, pid, 4, TRACE)
             target = (ticket // G + 1) * G
             while tl.atomic_add(sync_ptr, 0, sem="acquire") < target:
                 pass
+            _stamp(trace_ptr, pid, 5, TRACE)
         if PHASE != 1:
             # phase 2: y[:, tile] = h @ U[tile, :]ᵀ + b[tile]
             if PHASE == 2 and PDL:
@@ -157,6 +176,9 @@ if triton is not None:
                     acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
                 tl.store(y_ptr + rows[:, None] * syt + cols[None, :] * sym,
                          acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+        _stamp(trace_ptr, pid, 6, TRACE)
+        if TRACE:
+            tl.store(trace_ptr + pid * 8 + 7, tl.extra.cuda.globaltimer())
         if ZERO_H:
             # done reading h: the last program to arrive zeroes it for the next call (no one
             # waits here; kernel completion orders the stores before the next launch)
@@ -273,18 +295,22 @@ def plan(t: int, n: int, m: int, r: int, g: int, br: int = 0, kc: int = 0, bn: i
         prefetch = int(pdl and rp * bn <= 32768)
     return {"BT": max(16, _next_pow2(t)), "KC": kc, "BR": br, "BN": bn, "BK2": bk2,
             "RP": rp, "N_RB": n_rb, "N_UNITS": cdiv(n, kc) * n_rb,
-            "N_TILES": cdiv(m, tw), "TW": tw, "warps": warps, "PREFETCH": bool(prefetch),
+            "N_TILES": cdiv(m, tw), "TW": tw, "warps": warps, "PREFETCH": int(prefetch),
             "PDL": bool(pdl), "SPLIT": bool(split and pdl)}
 
 
 def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
                    bias: torch.Tensor | None, *, fused: bool | None = None,
-                   tiles: dict | None = None) -> torch.Tensor:
+                   tiles: dict | None = None, trace: torch.Tensor | None = None) -> torch.Tensor:
     """y = (x @ v) @ uᵀ + bias for x with at most 64 rows (over its last dimension). ``fused``
     (default: on a GPU) runs both phases in one launch with a grid barrier; otherwise two.
     ``tiles`` overrides tile sizes and options ({"br", "kc", "bn", "bk2", "warps", "prefetch",
     "pdl", "split", "tw"}; for tuning). ``pdl``: launch as a programmatic dependent
-    launch (compute capability ≥ 9; ignored elsewhere and on the two-launch path)."""
+    launch (compute capability ≥ 9; ignored elsewhere and on the two-launch path).
+    ``trace`` (a diagnostic, GPU only: an int64 tensor of G × 8): each program writes its SM,
+    the global timer (ns) at its start and end, and its SM's cycle counter at its start, after
+    waiting for the kernel before it, after arriving at and after leaving the grid barrier,
+    and after its stores (benchmarks/lowrank_decode_timeline.py)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     lead = x.shape[:-1]
@@ -297,19 +323,25 @@ def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
         fused = x.device.type == "cuda" and not triton_interpreted()
     g = _programs(x.device)
     p = plan(t, n, m, r, g, **(tiles or {}))
+    if trace is not None and not (fused and not p["SPLIT"] and trace.dtype == torch.int64
+                                  and trace.numel() >= 8 * g and trace.is_contiguous()):
+        raise ValueError(f"trace takes a contiguous int64 tensor of at least {8 * g} elements "
+                         "and the one-launch GPU path (fused, without split)")
     h, counter = _scratch_for(x.device, p["BT"], p["RP"], g, fused)
     y = torch.empty((t, m), device=x.device, dtype=x.dtype)
     args = (x2, v, u, bias if bias is not None else y, h, y, counter,
+            trace if trace is not None else counter,
             t, n, m, r, p["N_RB"], p["N_UNITS"], p["N_TILES"], p["TW"], g,
             x2.stride(0), x2.stride(1), v.stride(0), v.stride(1), u.stride(0), u.stride(1),
             y.stride(0), y.stride(1))
     meta = {k: p[k] for k in ("BT", "KC", "BR", "BN", "BK2", "RP")}
+    meta["TRACE"] = trace is not None
     if fused:
         pdl = {"launch_pdl": True} if p["PDL"] and _pdl_capable(x.device) else {}
         if pdl and p["SPLIT"]:
             # phase 1, then phase 2 as a dependent launch: it reads its U tile while phase 1
             # runs and waits for that kernel instead of a grid barrier; it leaves h zeroed
-            _DECODE((g,), *args, HAS_BIAS=bias is not None, PHASE=1, PREFETCH=False,
+            _DECODE((g,), *args, HAS_BIAS=bias is not None, PHASE=1, PREFETCH=0,
                     PDL=True, ZERO_H=False, **meta, num_warps=p["warps"], **pdl)
             _DECODE((g,), *args, HAS_BIAS=bias is not None, PHASE=2, PREFETCH=p["PREFETCH"],
                     PDL=True, ZERO_H=True, **meta, num_warps=p["warps"], **pdl)
@@ -320,6 +352,6 @@ def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
         h[: p["BT"] * p["RP"]].zero_()
         for phase in (1, 2):
             _DECODE((g,), *args, HAS_BIAS=bias is not None, PHASE=phase,
-                    PREFETCH=p["PREFETCH"] and phase == 2, PDL=False, ZERO_H=False, **meta,
+                    PREFETCH=p["PREFETCH"] if phase == 2 else 0, PDL=False, ZERO_H=False, **meta,
                     num_warps=p["warps"])
     return y.reshape(*lead, m)
