@@ -3,6 +3,8 @@ CPU it runs through Triton's interpreter as two launches (the interpreter runs p
 after another, so a grid barrier cannot be crossed there); on a GPU both the fused one-launch
 path and the two-launch path run, eagerly and replayed from a CUDA graph."""
 
+import re
+
 import pytest
 import torch
 
@@ -47,16 +49,18 @@ def test_matches_reference(fused, dtype, t, n, m, r, bias):
 
 
 @pytest.mark.parametrize("fused", FUSED)
+@pytest.mark.parametrize("prefetch", [1, 2], ids=["u_tile", "u_tile_and_bias"])
 @pytest.mark.parametrize("bn", [16, 32])
 @pytest.mark.parametrize("t,n,m,r,bias", [
     (3, 96, 80, 24, True),     # r not a power of two: U's rows beyond r are masked
     (16, 256, 200, 64, False),  # more output tiles than programs: some take a second tile
 ])
-def test_prefetched_first_tile_matches_reference(fused, bn, t, n, m, r, bias):
-    # the first output tile of U is loaded before phase 1; later tiles the ordinary way
+def test_prefetched_first_tile_matches_reference(fused, prefetch, bn, t, n, m, r, bias):
+    # the first output tile of U (and with prefetch=2 its bias) is loaded before phase 1;
+    # later tiles the ordinary way
     x, u, v, b = case(t, n, m, r, torch.float16, bias, seed=t + m)
     out = lowrank_decode(x, u, v, b, fused=fused,
-                         tiles={"prefetch": 1, "bn": bn})
+                         tiles={"prefetch": prefetch, "bn": bn})
     assert rel_error(out, x, u, v, b) < 1e-2
 
 
@@ -188,12 +192,13 @@ def test_fused_dependent_launch_compiles_for_hopper(m):
                       divisible=("x_ptr", "v_ptr", "u_ptr", "b_ptr", "h_ptr", "y_ptr", "T",
                                  "N_IN", "M_OUT", "R", "N_UNITS", "sxt", "svn", "sum_", "syt"))
     before_wait = ptx[:ptx.index("griddepcontrol.wait")]
-    order = "".join(_load_sources(before_wait, {"1": "V", "2": "U"}))
-    # every thread's 16-byte loads of its V tile (KC × BR) and U tile (RP × BN) come before
-    # the wait, U's (issued first in the source) first
+    order = "".join(_load_sources(before_wait, {"1": "V", "2": "U", "3": "B"}))
+    # every thread's 16-byte loads of its V tile (KC × BR) and U tile (RP × BN), and its
+    # share of the bias tile, come before the wait: U's and the bias (issued first in the
+    # source) first
     per_thread = p["warps"] * 32 * 8
     v, u = "V" * (p["KC"] * p["BR"] // per_thread), "U" * (p["RP"] * p["BN"] // per_thread)
-    assert order == u + v, order
+    assert re.fullmatch(f"{u}B+{v}", order), order
     assert ".local" not in ptx
 
 

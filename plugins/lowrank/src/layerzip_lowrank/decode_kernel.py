@@ -22,7 +22,7 @@ share it.
 
 On compute capability ≥ 9 the kernel is a programmatic dependent launch (``pdl``, default on):
 it may start while the previous kernel on the stream still runs, reads only weights — its first
-V tile and (``prefetch``) its first U tile — then waits for that kernel
+V tile and (``prefetch``) its first U tile and that tile's bias — then waits for that kernel
 (griddepcontrol.wait: x may be its output, h and the counter are shared with it) and lets the
 next kernel start likewise. Only a previous kernel that allows it overlaps (ours do; torch's
 elementwise kernels do not): back to back, a layer takes 7.2 instead of 9.1 µs at 4096→11008
@@ -92,13 +92,16 @@ if triton is not None:
         rmask = rows < T
         # this program's first output tile of U does not depend on h: with PREFETCH it is
         # loaded before phase 1, so its reads overlap phase 1 and the barrier instead of
-        # following them (a program without a tile masks every lane and loads nothing)
+        # following them (a program without a tile masks every lane and loads nothing);
+        # PREFETCH = 2 reads that tile's bias there too
         rk = tl.arange(0, RP)
         cols0 = pid * TW + tl.arange(0, BN)
         cmask0 = (tl.arange(0, BN) < TW) & (cols0 < M_OUT)
         if PREFETCH:
             u0 = tl.load(u_ptr + cols0[None, :] * sum_ + rk[:, None] * sur,
                          mask=cmask0[None, :] & (rk[:, None] < R), other=0.0)
+            if PREFETCH == 2 and HAS_BIAS:  # a weight too: read now, not after the barrier
+                b0 = tl.load(b_ptr + cols0, mask=cmask0, other=0.0).to(tl.float32)
         if PHASE != 2:
             # phase 1: h += x[:, chunk] @ V[chunk, rblock], one work unit at a time
             first_unit = pid
@@ -156,7 +159,11 @@ if triton is not None:
                              other=0.0, cache_modifier=".cg")
                 acc0 = tl.dot(hf.to(u0.dtype), u0)
                 if HAS_BIAS:
-                    acc0 += tl.load(b_ptr + cols0, mask=cmask0, other=0.0).to(tl.float32)[None, :]
+                    if PREFETCH == 2:
+                        acc0 += b0[None, :]
+                    else:
+                        acc0 += tl.load(b_ptr + cols0, mask=cmask0,
+                                        other=0.0).to(tl.float32)[None, :]
                 tl.store(y_ptr + rows[:, None] * syt + cols0[None, :] * sym,
                          acc0.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask0[None, :])
                 first = pid + G
@@ -267,7 +274,9 @@ def plan(t: int, n: int, m: int, r: int, g: int, br: int = 0, kc: int = 0, bn: i
          split: int = 0, tw: int = 0) -> dict:
     """Tile sizes for T = t rows: about one phase-1 unit and one phase-2 tile per program.
     Nonzero br/kc/bn/bk2 override the heuristic, prefetch/pdl the defaults
-    (benchmarks/lowrank_decode_tune.py). ``split``: the two phases as two dependent launches
+    (benchmarks/lowrank_decode_tune.py). ``prefetch``: 0 reads every U tile in phase 2, 1
+    reads each program's first U tile before phase 1, 2 its bias too (the default where the
+    tile fits in registers). ``split``: the two phases as two dependent launches
     (the launch boundary replaces the grid barrier; needs pdl). ``tw``: output tiles of tw
     columns inside blocks of the next power of two (default ⌈m / G⌉: one tile per program)."""
     # measured on the H100 (benchmarks/results/lowrank_decode_tune*.md): r blocks of 64 and
@@ -291,8 +300,10 @@ def plan(t: int, n: int, m: int, r: int, g: int, br: int = 0, kc: int = 0, bn: i
         # with the dependent launch the prefetched U tile is read before waiting on the
         # previous layer (0.3-1.3 µs faster on the H100: results/history/
         # lowrank_decode_tune_session6_pdl.md); the tile sits in registers, so only up to 32k
-        # elements (r = 256 × 128 columns: 128 registers a thread at 4 warps)
-        prefetch = int(pdl and rp * bn <= 32768)
+        # elements (r = 256 × 128 columns: 128 registers a thread at 4 warps). Its bias with
+        # it (2): at 4096→11008, T = 16, 6.0 instead of 6.7 µs, the bias's memory round trip
+        # taken out of phase 2 (results/lowrank_decode_tune_bias.md, lowrank_decode_timeline.md)
+        prefetch = 2 * int(pdl and rp * bn <= 32768)
     return {"BT": max(16, _next_pow2(t)), "KC": kc, "BR": br, "BN": bn, "BK2": bk2,
             "RP": rp, "N_RB": n_rb, "N_UNITS": cdiv(n, kc) * n_rb,
             "N_TILES": cdiv(m, tw), "TW": tw, "warps": warps, "PREFETCH": int(prefetch),
