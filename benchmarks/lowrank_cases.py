@@ -9,6 +9,14 @@ import layerzip
 from layerzip.bench import copies_beyond_l2, graph_time, graphed, time_callable, wake_gpu
 
 
+def weight_copies(*tensors: torch.Tensor, device=None) -> list[tuple[torch.Tensor, ...]]:
+    """``tensors`` and enough clones of them that calls taking the copies in turn read them
+    from device memory, not from the L2 cache the previous calls filled
+    (``layerzip.bench.copies_beyond_l2``): [(t1, t2, …), (clone of t1, clone of t2, …), …]."""
+    k = copies_beyond_l2(sum(t.numel() * t.element_size() for t in tensors), device)
+    return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(k - 1)]
+
+
 def ratios(t: int, n: int, m: int, r: int, elem: int = 2) -> dict:
     """FLOP ratio dense/low-rank, and byte ratio (x read, y written, weights read once; the
     unfused two-GEMM path also writes and reads the T×r intermediate, which we do not count:
@@ -64,10 +72,9 @@ def measure(backend_name: str, t, n, m, r, dtype=torch.bfloat16, device="cuda",
         if graphs:
             dense_single = time_callable(graphed(dense_fn), rounds=rounds, warmup=5)
             low_single = time_callable(graphed(lr_fn), rounds=rounds, warmup=5)
-            k_dense = copies_beyond_l2(w.numel() * w.element_size(), device)
-            k_low = copies_beyond_l2((u.numel() + v.numel()) * u.element_size(), device)
-            ws = [w] + [w.clone() for _ in range(k_dense - 1)]
-            uvs = [(u, v)] + [(u.clone(), v.clone()) for _ in range(k_low - 1)]
+            ws = [w_ for (w_,) in weight_copies(w, device=device)]
+            uvs = weight_copies(u, v, device=device)
+            k_dense, k_low = len(ws), len(uvs)
             dense = graph_time([lambda w=w_: F.linear(x, w, b) for w_ in ws], rounds=rounds)
             low = graph_time([lambda u=u_, v=v_: backend(x, u, v, b) for u_, v_ in uvs],
                              rounds=rounds)

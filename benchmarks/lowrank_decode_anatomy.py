@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from layerzip.bench import copies_beyond_l2, graph_time, machine_info, wake_gpu
+from layerzip.bench import graph_time, machine_info, wake_gpu
 from layerzip_lowrank.decode_kernel import _DECODE, _programs, _scratch_for, plan
 
-from lowrank_cases import make_case
+from lowrank_cases import make_case, weight_copies
 
 SHAPES = [(16, 4096, 4096, 256), (16, 4096, 11008, 256)]
 
@@ -57,9 +57,8 @@ def main() -> None:
     for t, n, m, r in SHAPES:
         x, w, u, v, b = make_case(t, n, m, r, torch.bfloat16, "cuda")
         p = plan(t, n, m, r, g)
-        k = copies_beyond_l2((u.numel() + v.numel()) * 2)
-        uvs = [(u, v)] + [(u.clone(), v.clone()) for _ in range(k - 1)]
-        ws = [w] + [w.clone() for _ in range(copies_beyond_l2(w.numel() * 2) - 1)]
+        uvs = weight_copies(u, v)
+        ws = [w_ for (w_,) in weight_copies(w)]
         from layerzip_lowrank.decode_kernel import lowrank_decode
         variants = {
             "dense": [lambda w=w_: F.linear(x, w, b) for w_ in ws],

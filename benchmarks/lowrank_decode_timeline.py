@@ -25,10 +25,10 @@ import json
 import statistics
 
 import torch
-from layerzip.bench import copies_beyond_l2, machine_info, wake_gpu
+from layerzip.bench import machine_info, wake_gpu
 from layerzip_lowrank.decode_kernel import _programs, lowrank_decode
 
-from lowrank_cases import make_case
+from lowrank_cases import make_case, weight_copies
 
 SHAPES = [(16, 4096, 11008, 256), (16, 4096, 4096, 256), (1, 4096, 11008, 256)]
 CALLS = 48
@@ -111,8 +111,7 @@ def main() -> None:
                 "pdl off": ({"pdl": 0}, False), "pdl, torch.add after each": ({}, True)}
     for t, n, m, r in SHAPES:
         x, _, u, v, b = make_case(t, n, m, r, torch.bfloat16, "cuda")
-        k = copies_beyond_l2((u.numel() + v.numel()) * 2)
-        uvs = [(u, v)] + [(u.clone(), v.clone()) for _ in range(k - 1)]
+        uvs = weight_copies(u, v)
         for name, (tiles, add_after) in variants.items():
             with torch.no_grad():
                 traces, us_per_call = traced_run(x, uvs, b, g, tiles, add_after)

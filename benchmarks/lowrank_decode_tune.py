@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from layerzip.bench import copies_beyond_l2, graph_time, wake_gpu
+from layerzip.bench import graph_time, wake_gpu
 from layerzip_lowrank.decode_kernel import _programs, lowrank_decode, plan
-from lowrank_cases import make_case
+from lowrank_cases import make_case, weight_copies
 
 SHAPES = [(16, 4096, 11008, 256), (16, 4096, 4096, 256), (1, 4096, 11008, 256)]
 GRID = {"br": (64,), "kc": (64, 128, 256), "bn": (64, 128), "bk2": (64,), "warps": (4, 8),
@@ -44,9 +44,8 @@ def main() -> None:
     for t, n, m, r in SHAPES:
         x, w, u, v, b = make_case(t, n, m, r, torch.bfloat16, "cuda")
         ref = (x.double() @ v.double()) @ u.double().t() + b.double()
-        ws = [w] + [w.clone() for _ in range(copies_beyond_l2(w.numel() * 2) - 1)]
-        uvs = [(u, v)] + [(u.clone(), v.clone())
-                          for _ in range(copies_beyond_l2((u.numel() + v.numel()) * 2) - 1)]
+        ws = [w_ for (w_,) in weight_copies(w)]
+        uvs = weight_copies(u, v)
         with torch.no_grad():
             wake_gpu()
             dense = graph_time([lambda w=w_: F.linear(x, w, b) for w_ in ws], rounds=50)
