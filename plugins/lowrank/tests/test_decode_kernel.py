@@ -94,6 +94,24 @@ def test_leading_dimensions_and_strided_factors():
     assert rel_error(out.reshape(6, 40), x.reshape(6, 64), u, v, None) < 1e-2
 
 
+def test_trace_is_refused_off_the_one_launch_path():
+    # the trace (a GPU diagnostic) needs every program's steps in one launch; the two-launch
+    # path, a split launch and a buffer of the wrong type or size are refused, before any work
+    x, u, v, b = case(4, 64, 48, 16, torch.float16)
+    from layerzip_lowrank.decode_kernel import _programs
+
+    g = _programs(torch.device(DEVICE))
+    with pytest.raises(ValueError, match="one-launch GPU path"):
+        lowrank_decode(x, u, v, b, fused=False,
+                       trace=torch.zeros(g, 8, dtype=torch.int64, device=DEVICE))
+    if ON_GPU:
+        for trace, tiles in ((torch.zeros(g, 8, dtype=torch.int64, device=DEVICE), {"split": 1}),
+                             (torch.zeros(g, 8, dtype=torch.int32, device=DEVICE), {}),
+                             (torch.zeros(g - 1, 8, dtype=torch.int64, device=DEVICE), {})):
+            with pytest.raises(ValueError, match="int64"):
+                lowrank_decode(x, u, v, b, tiles=tiles, trace=trace)
+
+
 def test_backend_declines_what_it_cannot_run():
     be = TritonDecodeBackend()
     assert be.supports(torch.zeros(64, 8, device=DEVICE, dtype=torch.float16))
