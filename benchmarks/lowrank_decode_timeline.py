@@ -8,7 +8,8 @@ the grid barrier (phase 1's atomics done), on leaving it, and after its stores. 
 cycle counter is put on the global clock by the offset that fits its programs' start stamps
 best (the global timer is coarse; the offset is a median over every call on that SM).
 
-Per call, medians over programs, in µs, relative to the previous call's last program end:
+Per call, medians over programs, in µs, relative to the previous call's last "end" stamp
+(after a program's stores, before its final arrival at the counter and its exit):
 ``start`` (the program began: a dependent launch starts before the previous call ends),
 ``waited`` (gdc_wait returned), ``arrived``, ``left`` (the barrier), ``end``; and the period
 between calls. Variants: the shipped kernel; without the dependent launch (pdl off); each
