@@ -22,7 +22,9 @@ from .decode_kernel import lowrank_decode
 from .triton_kernel import lowrank_fused
 
 
-def _out(x: Tensor, u: Tensor) -> Tensor:
+def _out_shaped(x: Tensor, u: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+    """The fake (shape-only) implementation of both ops: y has x's leading dimensions and u's
+    rows."""
     return x.new_empty((*x.shape[:-1], u.shape[0]))
 
 
@@ -32,17 +34,11 @@ def decode(x: Tensor, u: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
     return lowrank_decode(x, u, v, bias)
 
 
-@decode.register_fake
-def _(x, u, v, bias):
-    return _out(x, u)
-
-
 @torch.library.custom_op("layerzip_lowrank::fused", mutates_args=())
 def fused(x: Tensor, u: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
     """y = (x v) uᵀ + bias in one fused Triton launch (the ``triton`` backend)."""
     return lowrank_fused(x, u, v, bias)
 
 
-@fused.register_fake
-def _(x, u, v, bias):
-    return _out(x, u)
+decode.register_fake(_out_shaped)
+fused.register_fake(_out_shaped)
