@@ -299,8 +299,9 @@ def plan(t: int, n: int, m: int, r: int, g: int, br: int = 0, kc: int = 0, bn: i
     if prefetch is None:
         # with the dependent launch the prefetched U tile is read before waiting on the
         # previous layer (0.3-1.3 µs faster on the H100: results/history/
-        # lowrank_decode_tune_session6_pdl.md); the tile sits in registers, so only up to 32k
-        # elements (r = 256 × 128 columns: 128 registers a thread at 4 warps). Its bias with
+        # lowrank_decode_tune_session6_pdl.md); the tile is loaded into registers (then staged
+        # in shared memory for the product, as the sm_90 PTX shows), so only up to 32k elements
+        # (r = 256 × 128 columns: 128 registers a thread at 4 warps). Its bias with
         # it (2): at 4096→11008, T = 16, 6.0 instead of 6.7 µs, the bias's memory round trip
         # taken out of phase 2 (results/lowrank_decode_tune_bias.md, lowrank_decode_timeline.md)
         prefetch = 2 * int(pdl and rp * bn <= 32768)
