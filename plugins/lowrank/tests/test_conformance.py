@@ -22,7 +22,8 @@ class TestRsvd(ApproximatorConformance):
     method = "rsvd"
     budgets = [{"rank": 1}, {"rank": 6}, {"rank": 20}]
     full_budget = {"rank": 32, "oversampling": 0}
-    bad_params = [{"rank": 4, "oversampling": -1}, {"energy": 0.9}, {"rank": 4, "power_iterations": -2}]
+    bad_params = [{"rank": 4, "oversampling": -1}, {"energy": 0.9},
+                  {"rank": 4, "power_iterations": -2}]
 
 
 class TestAdaptive(ApproximatorConformance):

@@ -37,7 +37,8 @@ def test_whitening_minimizes_output_error_and_matches_prediction():
     white = Svd().fit(view_of(w), SvdParams(rank=6, whiten=True), ctx)
 
     def out_err(m):
-        return float(torch.linalg.matrix_norm((w.double() - m.dense_weight().double()) @ x.double().t())
+        diff = (w.double() - m.dense_weight().double()) @ x.double().t()
+        return float(torch.linalg.matrix_norm(diff)
                      / torch.linalg.matrix_norm(w.double() @ x.double().t()))
 
     assert out_err(white) < 0.5 * out_err(plain)

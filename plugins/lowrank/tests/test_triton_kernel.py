@@ -45,7 +45,8 @@ def test_fresh_random_inputs_every_element_written():
     for seed in range(3):
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(19, 48, generator=g).to(DEVICE)
-        u, v = torch.randn(36, 8, generator=g).to(DEVICE), torch.randn(48, 8, generator=g).to(DEVICE)
+        u = torch.randn(36, 8, generator=g).to(DEVICE)
+        v = torch.randn(48, 8, generator=g).to(DEVICE)
         out = TritonBackend()(x, u, v, None)
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out, lowrank_matmul_reference(x, u, v, None),
