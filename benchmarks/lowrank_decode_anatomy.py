@@ -37,14 +37,14 @@ def launcher(x, u, v, b, phase: int, p: dict, g: int):
     t, n = x.shape
     m, r = u.shape
     y = torch.empty((t, m), device=x.device, dtype=x.dtype)
-    meta = {k: p[k] for k in ("BT", "KC", "BR", "BN", "BK2", "RP")}
+    meta = {k: p[k] for k in ("BT", "KC", "BR", "BN", "BK2", "RP", "HBUF", "ZB")}
 
     def run():
         _DECODE((g,), x, v, u, b, h, y, counter, counter, t, n, m, r, p["N_RB"], p["N_UNITS"],
                 p["N_TILES"], p["TW"], g, x.stride(0), x.stride(1), v.stride(0), v.stride(1),
                 u.stride(0), u.stride(1), y.stride(0), y.stride(1), HAS_BIAS=True,
-                PHASE=phase, PREFETCH=p["PREFETCH"] if phase != 1 else 0, PDL=True, ZERO_H=False,
-                TRACE=False, **meta, num_warps=p["warps"], launch_pdl=True)
+                PHASE=phase, PREFETCH=p["PREFETCH"] if phase != 1 else 0, PDL=True,
+                ENDS_CALL=False, TRACE=False, **meta, num_warps=p["warps"], launch_pdl=True)
     return run
 
 

@@ -9,10 +9,12 @@ cycle counter is put on the global clock by the offset that fits its programs' s
 best (the global timer is coarse; the offset is a median over every call on that SM).
 
 Per call, medians over programs, in µs, relative to the previous call's last "end" stamp
-(after a program's stores, before its final arrival at the counter and its exit):
+(after a program's stores, before its exit and, with one h, its final arrival at the
+counter):
 ``start`` (the program began: a dependent launch starts before the previous call ends),
 ``waited`` (gdc_wait returned), ``arrived``, ``left`` (the barrier), ``end``; and the period
-between calls. Variants: the shipped kernel; without the dependent launch (pdl off); each
+between calls. Variants: the shipped kernel; two h alternating by call (hbuf = 2: no
+end-of-call arrival); without the dependent launch (pdl off); each
 layer followed by an elementwise op (torch.add: no dependent launch lets it overlap); eight
 warps instead of four.
 
@@ -108,7 +110,8 @@ def main() -> None:
     args = ap.parse_args()
     g = _programs(torch.device("cuda"))
     rows = [{"machine": machine_info()}]
-    variants = {"shipped (pdl)": ({}, False), "pdl, 8 warps": ({"warps": 8}, False),
+    variants = {"shipped (pdl)": ({}, False), "pdl, two h": ({"hbuf": 2}, False),
+                "pdl, 8 warps": ({"warps": 8}, False),
                 "pdl off": ({"pdl": 0}, False), "pdl, torch.add after each": ({}, True)}
     for t, n, m, r in SHAPES:
         x, _, u, v, b = make_case(t, n, m, r, torch.bfloat16, "cuda")

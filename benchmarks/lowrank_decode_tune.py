@@ -26,9 +26,10 @@ from lowrank_cases import make_case, weight_copies
 
 SHAPES = [(16, 4096, 11008, 256), (16, 4096, 4096, 256), (1, 4096, 11008, 256)]
 GRID = {"br": (64,), "kc": (64, 128, 256), "bn": (64, 128), "bk2": (64,), "warps": (4, 8),
-        "prefetch": (0, 1), "pdl": (1,), "split": (0, 1)}
+        "prefetch": (0, 1, 2), "pdl": (1,), "split": (0, 1), "hbuf": (1, 2)}
 # a layer followed by an elementwise op, per launch mode
-INTERLEAVED = {"pdl off": {"pdl": 0}, "pdl on": {"pdl": 1}, "pdl, split": {"pdl": 1, "split": 1}}
+INTERLEAVED = {"pdl off": {"pdl": 0}, "pdl on": {"pdl": 1}, "pdl, split": {"pdl": 1, "split": 1},
+               "pdl, two h": {"pdl": 1, "hbuf": 2}}
 
 
 def main() -> None:

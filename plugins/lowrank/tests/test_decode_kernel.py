@@ -76,13 +76,47 @@ def test_ragged_output_tiles_match_reference(fused, tw, t, n, m, r):
 
 
 @pytest.mark.parametrize("fused", FUSED)
-def test_repeated_calls_and_shapes_reuse_the_scratch_correctly(fused):
-    # the fused path alternates scratch buffers by epoch: every call must be right, across
-    # different layers (shapes) sharing the scratch
+@pytest.mark.parametrize("hbuf", [1, 2], ids=["one_h", "two_h"])
+def test_repeated_calls_and_shapes_reuse_the_scratch_correctly(fused, hbuf):
+    # every call must find h zeroed, across layers sharing the scratch: with one h, every
+    # layer (the call's last program zeroes it); with two, alternate calls of the layers of one
+    # h size (each call zeroes the previous one's) — the first and third shapes share one,
+    # the second has its own, so the alternation runs over layers of different n and m
+    shapes = ((4, 96, 64, 32), (16, 128, 200, 16), (9, 64, 40, 30))
     for i in range(5):
-        for shape in ((4, 96, 64, 32), (16, 128, 200, 16)):
+        for shape in shapes:
             x, u, v, b = case(*shape, torch.float16, seed=i)
-            assert rel_error(lowrank_decode(x, u, v, b, fused=fused), x, u, v, b) < 1e-2
+            out = lowrank_decode(x, u, v, b, fused=fused, tiles={"hbuf": hbuf})
+            assert rel_error(out, x, u, v, b) < 1e-2
+
+
+def test_two_h_alternate_by_epoch_and_each_call_zeroes_the_other():
+    # the scratch of hbuf = 2, looked at between calls: a call counts G arrivals, fills the h
+    # of its epoch's parity and leaves the other zeroed; the previous call's h is zeroed only
+    # by the next call
+    from layerzip_lowrank.decode_kernel import _programs, _scratch_for, plan
+
+    x, u, v, b = case(4, 96, 64, 32, torch.float16)
+    dev = torch.device(DEVICE)
+    g = _programs(dev)
+    p = plan(4, 96, 64, 32, g, hbuf=2)
+    h, counter = _scratch_for(dev, p["BT"], p["RP"], g, False, 2)
+    halves = h.view(2, -1)
+    start = int(counter)
+    for call in range(3):
+        lowrank_decode(x, u, v, b, fused=False, tiles={"hbuf": 2})
+        epoch = (start // g) + call
+        assert int(counter) == (epoch + 1) * g
+        used = halves[epoch % 2].view(p["BT"], p["RP"])
+        # this call's h holds x @ v (fp32 sums), the other one is zero
+        assert torch.allclose(used[:4, :32].cpu(), (x.float() @ v.float()).cpu(), atol=1e-2)
+        assert not used[4:].any() and not used[:, 32:].any()
+        assert not halves[(epoch + 1) % 2].any()
+
+
+def test_hbuf_is_one_or_two():
+    with pytest.raises(ValueError, match="hbuf is 1 or 2"):
+        lowrank_decode(*case(4, 32, 32, 16, torch.float16), tiles={"hbuf": 3})
 
 
 def test_leading_dimensions_and_strided_factors():
@@ -122,15 +156,17 @@ def test_backend_declines_what_it_cannot_run():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
-def test_fused_kernel_replays_from_a_cuda_graph():
+@pytest.mark.parametrize("hbuf", [1, 2], ids=["one_h", "two_h"])
+def test_fused_kernel_replays_from_a_cuda_graph(hbuf):
     x, u, v, b = case(16, 512, 384, 64, torch.bfloat16)
     static_x = x.clone()
-    lowrank_decode(static_x, u, v, b)  # compile outside capture
+    tiles = {"hbuf": hbuf}
+    lowrank_decode(static_x, u, v, b, tiles=tiles)  # compile outside capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = lowrank_decode(static_x, u, v, b)
-    for seed in range(6):  # both scratch buffers, several epochs
+        out = lowrank_decode(static_x, u, v, b, tiles=tiles)
+    for seed in range(6):  # several epochs (with two h: both, alternately)
         static_x.copy_(torch.randn(16, 512, generator=torch.Generator().manual_seed(seed)
                                    ).to(DEVICE, torch.bfloat16))
         graph.replay()
@@ -139,14 +175,17 @@ def test_fused_kernel_replays_from_a_cuda_graph():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="programmatic dependent launch: a GPU (sm_90) feature")
-@pytest.mark.parametrize("mode", [{"split": 0}, {"split": 1}],
-                         ids=["one_launch", "split_launches"])
+@pytest.mark.parametrize("mode", [{"split": 0}, {"split": 1}, {"split": 0, "hbuf": 2},
+                                  {"split": 1, "hbuf": 2}],
+                         ids=["one_launch", "split_launches", "one_launch_two_h",
+                              "split_launches_two_h"])
 @pytest.mark.parametrize("graphed", [False, True])
 def test_dependent_launches_wait_for_the_layer_before(graphed, mode):
     # a chain of layers, each launched while the previous may still run (pdl): every layer
     # reads the previous one's output and shares its scratch, so a missing wait shows as wrong
     # numbers; eager and replayed from a CUDA graph. With split, phase 2 is its own dependent
-    # launch that must wait for phase 1 (h) and leave h zeroed for the next layer.
+    # launch that must wait for phase 1 (h) and leave h zeroed for the next layer (one h), or
+    # count the call (two h: the next layer zeroes this one's h after its own wait).
     n, r, depth = 512, 64, 6
     x = torch.randn(16, n, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
     layers = [case(16, n, n, r, torch.bfloat16, seed=i)[1:] for i in range(depth)]
@@ -184,33 +223,37 @@ DECODE_SIGNATURE = {
                           "sxt", "svn", "sum_", "syt")},
     # unit strides: the launcher specializes an integer argument equal to 1 as a constant
     **{p: "constexpr" for p in ("sxn", "svr", "sur", "sym", "HAS_BIAS", "PHASE", "BT", "KC",
-                                "BR", "BN", "BK2", "RP", "PREFETCH", "PDL", "ZERO_H",
-                                "TRACE")}}
+                                "BR", "BN", "BK2", "RP", "PREFETCH", "PDL", "ENDS_CALL",
+                                "HBUF", "ZB", "TRACE")}}
 
 
+@pytest.mark.parametrize("hbuf", [1, 2], ids=["one_h", "two_h"])
 @pytest.mark.parametrize("m", [11008, 4096])
-def test_fused_dependent_launch_compiles_for_hopper(m):
+def test_fused_dependent_launch_compiles_for_hopper(m, hbuf):
     # the fused kernel only runs on a GPU: compile it for sm_90 here (the tiles of
     # 4096→m, r = 256, T = 16 on 132 SMs). Both weight tiles are read before the kernel waits
-    # on the one before it (the prefetched U tile first, then V's), and nothing spills.
+    # on the one before it (the prefetched U tile first, then V's), and nothing spills. With
+    # two h, x's loads are issued before h's epoch is read (not after it: they would wait
+    # for it), and the barrier's arrival is the call's only atomic on the counter.
     pytest.importorskip("triton")
     from layerzip.testing import compile_ptx
 
     from layerzip_lowrank.decode_kernel import plan
 
-    p = plan(16, 4096, m, 256, 132)
+    p = plan(16, 4096, m, 256, 132, hbuf=hbuf)
     assert p["PREFETCH"]
     ptx = compile_ptx("layerzip_lowrank.decode_kernel", "_decode_kernel", DECODE_SIGNATURE,
-                      {"HAS_BIAS": True, "PHASE": 0, "PDL": True, "ZERO_H": True,
+                      {"HAS_BIAS": True, "PHASE": 0, "PDL": True, "ENDS_CALL": True,
                        "TRACE": False, "sxn": 1,
                        "svr": 1, "sur": 1, "sym": 1,
-                       **{k: p[k] for k in ("BT", "KC", "BR", "BN", "BK2", "RP", "PREFETCH")}},
+                       **{k: p[k] for k in ("BT", "KC", "BR", "BN", "BK2", "RP", "PREFETCH",
+                                              "HBUF", "ZB")}},
                       num_warps=p["warps"],
                       # what the launcher marks as multiples of 16 at this shape
                       divisible=("x_ptr", "v_ptr", "u_ptr", "b_ptr", "h_ptr", "y_ptr", "T",
                                  "N_IN", "M_OUT", "R", "N_UNITS", "sxt", "svn", "sum_", "syt"))
-    before_wait = ptx[:ptx.index("griddepcontrol.wait")]
-    order = "".join(_load_sources(before_wait, {"1": "V", "2": "U", "3": "B"}))
+    wait = ptx.index("griddepcontrol.wait")
+    order = "".join(_load_sources(ptx, {"1": "V", "2": "U", "3": "B"}, 0, wait))
     # every thread's 16-byte loads of its V tile (KC × BR) and U tile (RP × BN), and its
     # share of the bias tile, come before the wait: U's and the bias (issued first in the
     # source) first
@@ -218,11 +261,16 @@ def test_fused_dependent_launch_compiles_for_hopper(m):
     v, u = "V" * (p["KC"] * p["BR"] // per_thread), "U" * (p["RP"] * p["BN"] // per_thread)
     assert re.fullmatch(f"{u}B+{v}", order), order
     assert ".local" not in ptx
+    # from the wait to phase 1's first atomic add into h
+    first = "".join(_load_sources(ptx, {"0": "X", "6": "S"}, wait, ptx.index("red.global")))
+    assert first == ("XX" if hbuf == 1 else "XXS"), first
+    counter_atomics = re.findall(r"atom\.global\.gpu\.acq_rel\.add\.u64", ptx)
+    assert len(counter_atomics) == 3 - hbuf  # the barrier's arrival (+ the end's, one h)
 
 
-def _load_sources(ptx: str, params: dict[str, str]) -> list[str]:
-    """For each global load in ``ptx``, the kernel parameter its address derives from (by
-    following the 64-bit registers that compute it back to an ld.param), named by
+def _load_sources(ptx: str, params: dict[str, str], start: int, end: int) -> list[str]:
+    """For each global load in ``ptx[start:end]``, the kernel parameter its address derives
+    from (by following the 64-bit registers that compute it back to an ld.param), named by
     ``params`` (parameter index → name); '?' where none of them."""
     import re
 
@@ -243,7 +291,8 @@ def _load_sources(ptx: str, params: dict[str, str]) -> list[str]:
         return "?"
 
     return [origin(re.search(r"\[\s*(%rd\d+)", line).group(1))
-            for line in ptx.splitlines() if "ld.global" in line]
+            for line in ptx[start:end].splitlines()
+            if re.search(r"ld(\.volatile)?\.global", line)]
 
 
 def _graph_ops(module, x, **compile_kw):

@@ -20,6 +20,13 @@ waiting; the last one (ticket ≡ G − 1 mod G) zeroes h for the next call, whi
 starts after this one has finished. Scratch is per (device, stream), so two streams never
 share it.
 
+A tuning option (``hbuf`` = 2, not yet measured, so not the default) takes that second
+arrival and the zeroing off the end of the call, where the next layer waits for them: the
+scratch holds two h, used by alternate calls (the epoch, counter // G with one arrival per
+program and call, is read after waiting for the previous kernel), and every program zeroes
+its share of the other h, the previous call's, as it starts. The previous call on a scratch
+must then have used the same h size, so this scratch is per (bt, rp) as well.
+
 On compute capability ≥ 9 the kernel is a programmatic dependent launch (``pdl``, default on):
 it may start while the previous kernel on the stream still runs, reads only weights — its first
 V tile and (``prefetch``) its first U tile and that tile's bias — then waits for that kernel
@@ -73,15 +80,34 @@ if triton is not None:
             tl.store(trace_ptr + pid * 8 + slot, now)
 
     @triton.jit
+    def _h_of_call(h_ptr, sync_ptr, pid, G, HSIZE: tl.constexpr, HBUF: tl.constexpr,
+                   ZB: tl.constexpr, ZERO_OTHER: tl.constexpr):
+        """This call's h. With HBUF = 2 the scratch holds two h of HSIZE elements, used by
+        alternate calls: the call's epoch is the counter (G arrivals a call) over G, read once
+        the previous call has finished; with ZERO_OTHER this program zeroes its ZB-element
+        share of the other h, the previous call's, for the next call."""
+        hc = h_ptr
+        if HBUF == 2:
+            half = (tl.load(sync_ptr, volatile=True) // G) % 2
+            if ZERO_OTHER:
+                zs = pid * ZB + tl.arange(0, ZB)
+                tl.store(h_ptr + (1 - half) * HSIZE + zs, tl.zeros((ZB,), dtype=tl.float32),
+                         mask=zs < HSIZE)
+            hc = h_ptr + half * HSIZE
+        return hc
+
+    @triton.jit
     def _decode_kernel(
         x_ptr, v_ptr, u_ptr, b_ptr, h_ptr, y_ptr, sync_ptr, trace_ptr,
         T, N_IN, M_OUT, R, N_RB, N_UNITS, N_TILES, TW, G,
         sxt, sxn, svn, svr, sum_, sur, syt, sym,
         HAS_BIAS: tl.constexpr, PHASE: tl.constexpr, BT: tl.constexpr, KC: tl.constexpr,
         BR: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr, RP: tl.constexpr,
-        PREFETCH: tl.constexpr, PDL: tl.constexpr, ZERO_H: tl.constexpr, TRACE: tl.constexpr,
+        PREFETCH: tl.constexpr, PDL: tl.constexpr, ENDS_CALL: tl.constexpr, HBUF: tl.constexpr,
+        ZB: tl.constexpr, TRACE: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        HSIZE: tl.constexpr = BT * RP
         if TRACE:  # the SM and the global clock (ns) place the program; cycles time its steps
             tl.store(trace_ptr + pid * 8, tl.extra.cuda.smid().to(tl.int64))
             tl.store(trace_ptr + pid * 8 + 1, tl.extra.cuda.globaltimer())
@@ -119,9 +145,13 @@ if triton is not None:
                 tl.extra.cuda.gdc_wait()
                 tl.extra.cuda.gdc_launch_dependents()
                 _stamp(trace_ptr, pid, 3, TRACE)
+                # x first: its load is in flight while h's epoch (below) is read and divided
                 x0 = tl.load(x_ptr + rows[:, None] * sxt + ks0[None, :] * sxn,
                              mask=has0 & rmask[:, None] & (ks0[None, :] < N_IN), other=0.0)
-                tl.atomic_add(h_ptr + rows[:, None] * RP + rs0[None, :], tl.dot(x0, v0),
+            # (h's epoch is read only now: the previous call has finished)
+            hc = _h_of_call(h_ptr, sync_ptr, pid, G, HSIZE, HBUF, ZB, True)
+            if PDL:
+                tl.atomic_add(hc + rows[:, None] * RP + rs0[None, :], tl.dot(x0, v0),
                               mask=has0 & rmask[:, None] & (rs0[None, :] < R), sem="relaxed")
                 first_unit = pid + G
             for unit in range(first_unit, N_UNITS, G):
@@ -134,7 +164,7 @@ if triton is not None:
                 vt = tl.load(v_ptr + ks[:, None] * svn + rs[None, :] * svr,
                              mask=(ks[:, None] < N_IN) & (rs[None, :] < R), other=0.0)
                 part = tl.dot(xt, vt)
-                tl.atomic_add(h_ptr + rows[:, None] * RP + rs[None, :], part,
+                tl.atomic_add(hc + rows[:, None] * RP + rs[None, :], part,
                               mask=rmask[:, None] & (rs[None, :] < R), sem="relaxed")
         if PHASE == 0:
             # grid barrier: arrive (release: this program's atomics above are visible), then
@@ -152,10 +182,12 @@ if triton is not None:
                 # once that kernel is
                 tl.extra.cuda.gdc_wait()
                 tl.extra.cuda.gdc_launch_dependents()
+            if PHASE == 2:  # (a launch of its own: which h is this call's)
+                hc = _h_of_call(h_ptr, sync_ptr, pid, G, HSIZE, HBUF, ZB, False)
             first = pid
             if PREFETCH:
                 # h beyond R is zero (never added to), so the whole RP width is loaded
-                hf = tl.load(h_ptr + rows[:, None] * RP + rk[None, :], mask=rmask[:, None],
+                hf = tl.load(hc + rows[:, None] * RP + rk[None, :], mask=rmask[:, None],
                              other=0.0, cache_modifier=".cg")
                 acc0 = tl.dot(hf.to(u0.dtype), u0)
                 if HAS_BIAS:
@@ -173,7 +205,7 @@ if triton is not None:
                 acc = tl.zeros((BT, BN), dtype=tl.float32)
                 for k0 in range(0, R, BK2):
                     ks = k0 + tl.arange(0, BK2)
-                    ht = tl.load(h_ptr + rows[:, None] * RP + ks[None, :],
+                    ht = tl.load(hc + rows[:, None] * RP + ks[None, :],
                                  mask=rmask[:, None] & (ks[None, :] < R), other=0.0,
                                  cache_modifier=".cg")  # written by other SMs: skip L1
                     ut = tl.load(u_ptr + cols[None, :] * sum_ + ks[:, None] * sur,
@@ -186,7 +218,7 @@ if triton is not None:
         _stamp(trace_ptr, pid, 6, TRACE)
         if TRACE:
             tl.store(trace_ptr + pid * 8 + 7, tl.extra.cuda.globaltimer())
-        if ZERO_H:
+        if ENDS_CALL and HBUF == 1:
             # done reading h: the last program to arrive zeroes it for the next call (no one
             # waits here; kernel completion orders the stores before the next launch)
             done = tl.atomic_add(sync_ptr, 1, sem="acq_rel")
@@ -194,6 +226,10 @@ if triton is not None:
                 zs = tl.arange(0, RP)
                 for t in range(0, BT):
                     tl.store(h_ptr + t * RP + zs, tl.zeros((RP,), dtype=tl.float32))
+        if ENDS_CALL and HBUF == 2 and PHASE == 2:
+            # a call's G arrivals (one launch: the barrier's) make its epoch; kernel completion
+            # orders this before the next call reads it, so no ordering is asked of it here
+            tl.atomic_add(sync_ptr, 1, sem="relaxed")
 
 
     # the decode call is host-bound in eager mode: skip Triton's per-call dispatch
@@ -221,17 +257,21 @@ def _programs(device: torch.device) -> int:
     return 4  # the interpreter: a few programs exercise the grid-stride loops
 
 
-def _scratch_for(device: torch.device, bt: int, rp: int, g: int, fused: bool):
-    """(h: bt × rp fp32, counter: int64) for this device and current stream, zeroed once (the
-    fused kernel leaves h zeroed). The two-launch path zeroes h itself, so it never shares the
-    fused path's."""
+def _scratch_for(device: torch.device, bt: int, rp: int, g: int, fused: bool, hbuf: int = 1):
+    """(h: fp32, counter: int64) for this device and current stream, zeroed once.
+
+    hbuf = 1: one h of at least bt × rp, shared by every layer (each fused call leaves it
+    zeroed; the two-launch path zeroes it itself, so it never shares the fused path's).
+    hbuf = 2: two h of exactly bt × rp and a counter of their own, for the layers of this
+    (bt, rp) only: a call zeroes the h that the previous call on the same scratch used, which
+    therefore must have had the same size."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream, g, fused)
+    key = (device, stream, g, fused) + ((bt, rp) if hbuf == 2 else ())
     h, counter = _scratch.get(key, (None, None))
-    if h is None or h.numel() < bt * rp:
+    if h is None or h.numel() < hbuf * bt * rp:
         if h is not None:  # CUDA graphs captured earlier still point at the old ones
             _retired.append((h, counter))
-        h, counter = _zeros(device, (bt * rp, torch.float32), (1, torch.int64))
+        h, counter = _zeros(device, (hbuf * bt * rp, torch.float32), (1, torch.int64))
         _scratch[key] = (h, counter)
     return h, counter
 
@@ -271,14 +311,19 @@ def _zeros(device: torch.device, *specs: tuple[int, torch.dtype]) -> list[torch.
 @functools.lru_cache(maxsize=1024)
 def plan(t: int, n: int, m: int, r: int, g: int, br: int = 0, kc: int = 0, bn: int = 0,
          bk2: int = 0, warps: int = 4, prefetch: int | None = None, pdl: int = 1,
-         split: int = 0, tw: int = 0) -> dict:
+         split: int = 0, tw: int = 0, hbuf: int = 1) -> dict:
     """Tile sizes for T = t rows: about one phase-1 unit and one phase-2 tile per program.
     Nonzero br/kc/bn/bk2 override the heuristic, prefetch/pdl the defaults
     (benchmarks/lowrank_decode_tune.py). ``prefetch``: 0 reads every U tile in phase 2, 1
     reads each program's first U tile before phase 1, 2 its bias too (the default where the
     tile fits in registers). ``split``: the two phases as two dependent launches
     (the launch boundary replaces the grid barrier; needs pdl). ``tw``: output tiles of tw
-    columns inside blocks of the next power of two (default ⌈m / G⌉: one tile per program)."""
+    columns inside blocks of the next power of two (default ⌈m / G⌉: one tile per program).
+    ``hbuf``: 1, one h that the call's last program zeroes after a second arrival at the
+    counter; 2, two h used by alternate calls, each call zeroing the previous call's as it
+    starts, so a call ends with its stores (no end-of-call atomic on the fused path)."""
+    if hbuf not in (1, 2):
+        raise ValueError(f"hbuf is 1 or 2, got {hbuf}")
     # measured on the H100 (benchmarks/results/lowrank_decode_tune*.md): r blocks of 64 and
     # about one phase-1 unit per program
     br = br or _clamp_pow2(r, 16, 64)
@@ -305,10 +350,13 @@ def plan(t: int, n: int, m: int, r: int, g: int, br: int = 0, kc: int = 0, bn: i
         # it (2): at 4096→11008, T = 16, 6.0 instead of 6.7 µs, the bias's memory round trip
         # taken out of phase 2 (results/lowrank_decode_tune_bias.md, lowrank_decode_timeline.md)
         prefetch = 2 * int(pdl and rp * bn <= 32768)
-    return {"BT": max(16, _next_pow2(t)), "KC": kc, "BR": br, "BN": bn, "BK2": bk2,
+    bt = max(16, _next_pow2(t))
+    return {"BT": bt, "KC": kc, "BR": br, "BN": bn, "BK2": bk2,
             "RP": rp, "N_RB": n_rb, "N_UNITS": cdiv(n, kc) * n_rb,
             "N_TILES": cdiv(m, tw), "TW": tw, "warps": warps, "PREFETCH": int(prefetch),
-            "PDL": bool(pdl), "SPLIT": bool(split and pdl)}
+            "PDL": bool(pdl), "SPLIT": bool(split and pdl), "HBUF": hbuf,
+            # each program's share of the other h to zero (hbuf = 2)
+            "ZB": _next_pow2(cdiv(bt * rp, g))}
 
 
 def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
@@ -317,8 +365,8 @@ def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
     """y = (x @ v) @ uᵀ + bias for x with at most 64 rows (over its last dimension). ``fused``
     (default: on a GPU) runs both phases in one launch with a grid barrier; otherwise two.
     ``tiles`` overrides tile sizes and options ({"br", "kc", "bn", "bk2", "warps", "prefetch",
-    "pdl", "split", "tw"}; for tuning). ``pdl``: launch as a programmatic dependent
-    launch (compute capability ≥ 9; ignored elsewhere and on the two-launch path).
+    "pdl", "split", "tw", "hbuf"}; for tuning: ``plan``). ``pdl``: launch as a programmatic
+    dependent launch (compute capability ≥ 9; ignored elsewhere and on the two-launch path).
     ``trace`` (a diagnostic, GPU only: an int64 tensor of G × 8): each program writes its SM,
     the global timer (ns) at its start and end, and its SM's cycle counter at its start, after
     waiting for the kernel before it, after arriving at and after leaving the grid barrier,
@@ -339,14 +387,14 @@ def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
                                   and trace.numel() >= 8 * g and trace.is_contiguous()):
         raise ValueError(f"trace takes a contiguous int64 tensor of at least {8 * g} elements "
                          "and the one-launch GPU path (fused, without split)")
-    h, counter = _scratch_for(x.device, p["BT"], p["RP"], g, fused)
+    h, counter = _scratch_for(x.device, p["BT"], p["RP"], g, fused, p["HBUF"])
     y = torch.empty((t, m), device=x.device, dtype=x.dtype)
     args = (x2, v, u, bias if bias is not None else y, h, y, counter,
             trace if trace is not None else counter,
             t, n, m, r, p["N_RB"], p["N_UNITS"], p["N_TILES"], p["TW"], g,
             x2.stride(0), x2.stride(1), v.stride(0), v.stride(1), u.stride(0), u.stride(1),
             y.stride(0), y.stride(1))
-    meta = {k: p[k] for k in ("BT", "KC", "BR", "BN", "BK2", "RP")}
+    meta = {k: p[k] for k in ("BT", "KC", "BR", "BN", "BK2", "RP", "HBUF", "ZB")}
     meta["TRACE"] = trace is not None
     if fused:
         pdl = {"launch_pdl": True} if p["PDL"] and _pdl_capable(x.device) else {}
@@ -354,16 +402,21 @@ def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
             # phase 1, then phase 2 as a dependent launch: it reads its U tile while phase 1
             # runs and waits for that kernel instead of a grid barrier; it leaves h zeroed
             _DECODE((g,), *args, HAS_BIAS=bias is not None, PHASE=1, PREFETCH=0,
-                    PDL=True, ZERO_H=False, **meta, num_warps=p["warps"], **pdl)
+                    PDL=True, ENDS_CALL=False, **meta, num_warps=p["warps"], **pdl)
             _DECODE((g,), *args, HAS_BIAS=bias is not None, PHASE=2, PREFETCH=p["PREFETCH"],
-                    PDL=True, ZERO_H=True, **meta, num_warps=p["warps"], **pdl)
+                    PDL=True, ENDS_CALL=True, **meta, num_warps=p["warps"], **pdl)
         else:
             _DECODE((g,), *args, HAS_BIAS=bias is not None, PHASE=0, PREFETCH=p["PREFETCH"],
-                    PDL=bool(pdl), ZERO_H=True, **meta, num_warps=p["warps"], **pdl)
+                    PDL=bool(pdl), ENDS_CALL=True, **meta, num_warps=p["warps"], **pdl)
     else:
-        h[: p["BT"] * p["RP"]].zero_()
+        # two launches: with one h, zeroed here first; with two, as on the fused path (so the
+        # interpreter runs the alternation: each call zeroes the previous call's h, the second
+        # launch's arrivals count the call)
+        hbuf2 = p["HBUF"] == 2
+        if not hbuf2:
+            h[: p["BT"] * p["RP"]].zero_()
         for phase in (1, 2):
             _DECODE((g,), *args, HAS_BIAS=bias is not None, PHASE=phase,
-                    PREFETCH=p["PREFETCH"] if phase == 2 else 0, PDL=False, ZERO_H=False, **meta,
-                    num_warps=p["warps"])
+                    PREFETCH=p["PREFETCH"] if phase == 2 else 0, PDL=False,
+                    ENDS_CALL=hbuf2 and phase == 2, **meta, num_warps=p["warps"])
     return y.reshape(*lead, m)
