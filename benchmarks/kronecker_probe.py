@@ -55,7 +55,8 @@ def report(lines: list[str], top: int = 8) -> str:
             failed = sum(1 for r in mine if r.get("kernel") == kind and "error" in r)
             out.append(f"{kind}: {len(ran)} configs ran, {failed} failed (out of resources); "
                        f"fastest {top} and the slowest:\n")
-            out.append("| TB | OCC | warps | stages | µs | × dense | of copy | regs | spills | smem |")
+            out.append("| TB | OCC | warps | stages | µs | × dense | of copy | regs | spills "
+                       "| smem |")
             out.append("|---|---|---|---|---|---|---|---|---|---|")
             for r in ran[:top] + ran[-1:]:
                 out.append(f"| {r['TB']} | {r['OCC']} | {r['num_warps']} | {r['num_stages']} | "

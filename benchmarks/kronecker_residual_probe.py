@@ -37,18 +37,22 @@ def main() -> None:
     csr32 = coo.to_sparse_csr()
     rec("csr_fp32 S@xT", lambda: (csr32 @ x.t().float()).t())
     rec("csr_fp32 S@xT contig", lambda: (csr32 @ x.t().contiguous().float()).t())
-    csr16 = torch.sparse_coo_tensor(torch.stack([rows, cols]), val, (m, n)).coalesce().to_sparse_csr()
+    csr16 = torch.sparse_coo_tensor(torch.stack([rows, cols]), val,
+                                    (m, n)).coalesce().to_sparse_csr()
     rec("csr_bf16 S@xT", lambda: (csr16 @ x.t()).t())
     rec("csr_bf16 S@xT contig", lambda: (csr16 @ x.t().contiguous()).t())
     # x @ S^T as (S @ x^T)^T via transposed CSR (CSC of S = CSR of S^T)
-    csrT16 = torch.sparse_coo_tensor(torch.stack([cols, rows]), val, (n, m)).coalesce().to_sparse_csr()
+    csrT16 = torch.sparse_coo_tensor(torch.stack([cols, rows]), val,
+                                     (n, m)).coalesce().to_sparse_csr()
     rec("x @ csrT_bf16 (dense@sparse)", lambda: x @ csrT16)
-    rec("x @ csrT_fp32", lambda: x.float() @ torch.sparse_coo_tensor(torch.stack([cols, rows]), val.float(), (n, m)).coalesce().to_sparse_csr())
+    rec("x @ csrT_fp32", lambda: x.float() @ torch.sparse_coo_tensor(
+        torch.stack([cols, rows]), val.float(), (n, m)).coalesce().to_sparse_csr())
     try:
         for bs in (16, 32):
             wb = w.bfloat16()
             b = wb.to_sparse_bsr((bs, bs))
-            rec(f"bsr{bs}_bf16 (density of blocks {b.values().shape[0]*bs*bs/(m*n):.2f})", lambda b=b: (b @ x.t()).t())
+            density = b.values().shape[0] * bs * bs / (m * n)
+            rec(f"bsr{bs}_bf16 (density of blocks {density:.2f})", lambda b=b: (b @ x.t()).t())
     except Exception as e:  # noqa: BLE001 - a format torch lacks is a result here
         print("bsr", repr(e)[:200])
     print(json.dumps({"dense_ms": dense, **{k: v for k, v in out.items()}}))

@@ -50,7 +50,9 @@ def main() -> None:
                 timing = graph_time(fn, rounds=30)
                 rows.append({"case": [t, n, m, r], "what": name, "us": timing.median * 1e6})
                 print(json.dumps(rows[-1]), flush=True)
-        del x, w, u, v, b, vt, ut, h, y
+        # drop this case's tensors before the next is made (names, not del: the lambdas
+        # above close over them)
+        x = w = u = v = b = vt = ut = h = y = None
         torch.cuda.empty_cache()
     with open(args.out + ".jsonl", "w") as f:
         f.write("\n".join(json.dumps(row) for row in rows) + "\n")

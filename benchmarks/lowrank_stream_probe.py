@@ -61,7 +61,9 @@ def main() -> None:
                 rows.append({"case": [t, n, m, r], "what": name, "us": timing.median * 1e6,
                              "rel_error_vs_two_gemms": err})
                 print(json.dumps(rows[-1]), flush=True)
-        del x, w, u, v, b, y
+        # drop this case's tensors before the next is made (names, not del: the lambdas
+        # above close over them)
+        x = w = u = v = b = y = None
         torch.cuda.empty_cache()
     with open(args.out + ".jsonl", "w") as f:
         f.write("\n".join(json.dumps(row) for row in rows) + "\n")

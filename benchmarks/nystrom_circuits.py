@@ -127,7 +127,7 @@ def density(args, x, rows, *, k=None, side=28, steps=None, ranks=None,
         naive, _ = compile_pair(sq, z, optimize=False)  # timed only: its weights don't matter
         t_naive = timed(lambda: naive(batch))
         mem_naive = sum_layer_memory(naive)
-        del naive
+        naive = None  # free it now (not del: the lambda above closes over it)
     nll = float(-exact_ll.mean())
     for pivots, s, n, nz in approximations(sq, z, c, ranks or args.ranks, k):
         with torch.no_grad():

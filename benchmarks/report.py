@@ -1,6 +1,7 @@
 """Turn pytest-benchmark JSON files into a markdown table and plots in benchmarks/results/.
 
-    python benchmarks/report.py benchmarks/results/lowrank_gpu.json --out benchmarks/results/lowrank_gpu
+    python benchmarks/report.py benchmarks/results/lowrank_gpu.json \
+        --out benchmarks/results/lowrank_gpu
 """
 
 from __future__ import annotations

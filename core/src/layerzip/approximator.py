@@ -1,4 +1,5 @@
-"""Approximator (a method), ApproxModule (what it puts in place of a layer) and what fit receives."""
+"""Approximator (a method), ApproxModule (what it puts in place of a layer) and what fit
+receives."""
 
 from __future__ import annotations
 

@@ -80,8 +80,8 @@ def read_manifest(directory: str | os.PathLike) -> dict:
         raise CheckpointError(f"{str(path)!r} is not valid JSON ({exc}); the checkpoint is "
                               "truncated or corrupted: save it again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a {FORMAT} manifest (format="
-                              f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise CheckpointError(f"{str(path)!r} is not a {FORMAT} manifest (format={found!r})")
     for key in ("layers", "model_file", "model_sha256"):
         if key not in manifest:
             raise CheckpointError(f"{str(path)!r} lacks the field {key!r}; save it again")

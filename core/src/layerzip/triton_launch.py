@@ -104,8 +104,8 @@ class LaunchCache:
     without ``pre_hook``); ``grid`` is a tuple or a callable of the named arguments plus the
     chosen config's meta-parameters, as for Triton. Every parameter of the kernel must be passed
     (defaults are not looked up: such calls always go through Triton); launch options
-    (num_warps, num_stages, num_ctas, maxnreg, launch_pdl) are part of the key. Results are identical to
-    Triton's own launch: the same compiled binary runs with the same arguments."""
+    (num_warps, num_stages, num_ctas, maxnreg, launch_pdl) are part of the key. Results are
+    identical to Triton's own launch: the same compiled binary runs with the same arguments."""
 
     def __init__(self, kernel):
         self.kernel = kernel

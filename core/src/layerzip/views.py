@@ -66,7 +66,8 @@ class WeightView:
 
 
 class DenseWeightView(WeightView):
-    """View of a dense weight tensor, stored (out, in) or transposed (in, out) as in GPT-2 Conv1D."""
+    """View of a dense weight tensor, stored (out, in) or transposed (in, out) as in GPT-2's
+    Conv1D."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None, *, transposed: bool = False):
         out_f, in_f = (weight.shape[1], weight.shape[0]) if transposed else tuple(weight.shape)

@@ -6,10 +6,12 @@ class TestKSChain(ApproximatorConformance):
     # 48×32 → the chain (1,6r,8,4)(6,8,4r,1); rank 8 = min(b₂, c₁) makes every sub-block exact
     budgets = [{"rank": 1}, {"rank": 2}, {"rank": 4}, {"rank": 6}]
     full_budget = {"rank": 8}
-    bad_params = [{"rank": 9}, {"rank": 2, "ratio": 0.5}, {"patterns": [[1, 6, 8, 4], [6, 8, 8, 1]]},
+    bad_params = [{"rank": 9}, {"rank": 2, "ratio": 0.5},
+                  {"patterns": [[1, 6, 8, 4], [6, 8, 8, 1]]},
                   {"patterns": [[1, 2, 8, 4], [2, 8, 4, 1]]}, {"patterns": [[1, 6, 8, 4]],
                                                              "rank": 2},
-                  {"init": "random"}, {"num_factors": 0}, {"ratio": 0.999}, {"pattern": [[1, 1, 1, 1]]}]
+                  {"init": "random"}, {"num_factors": 0}, {"ratio": 0.999},
+                  {"pattern": [[1, 1, 1, 1]]}]
 
 
 class TestKSChainDeep(ApproximatorConformance):

@@ -33,8 +33,8 @@ from ..plugins import get_registry
 from ..walker import compress
 from .ptx import compile_ptx
 
-__all__ = ["ApproximatorConformance", "ModelSourcePlugin", "SingleLayer", "decaying_weight", "registered_plugin",
-           "calibration_batches", "compile_ptx", "triton_test_device"]
+__all__ = ["ApproximatorConformance", "ModelSourcePlugin", "SingleLayer", "decaying_weight",
+           "registered_plugin", "calibration_batches", "compile_ptx", "triton_test_device"]
 
 
 def triton_test_device() -> str:
@@ -163,8 +163,9 @@ class ApproximatorConformance:
 
     # -- the checks --------------------------------------------------------------------------
     def test_registered(self):
-        assert self.method in get_registry().approximators, \
-            f"method {self.method!r} is not registered; installed: {list(get_registry().approximators)}"
+        installed = list(get_registry().approximators)
+        assert self.method in installed, \
+            f"method {self.method!r} is not registered; installed: {installed}"
 
     @staticmethod
     def _dtypes():
@@ -185,7 +186,8 @@ class ApproximatorConformance:
                 assert y.dtype == dtype and y.device == xi.device
             for t in m.state_dict().values():
                 assert not t.is_floating_point() or t.dtype == dtype or \
-                    t.dtype.itemsize < dtype.itemsize, f"stored tensor of {t.dtype} in a {dtype} layer"
+                    t.dtype.itemsize < dtype.itemsize, \
+                    f"stored tensor of {t.dtype} in a {dtype} layer"
 
     def test_full_budget_is_exact(self):
         if self.full_budget is None:

@@ -28,7 +28,8 @@ class KroneckerParams(Params):
     factors: Factors | Literal["auto"] = Field(default="auto", description=(
         "[[m1, n1], [m2, n2]] with m1·m2 = out_features, n1·n2 = in_features; 'auto' searches "
         "divisor pairs near √m, √n for the lowest error at the parameter budget"))
-    rank: int | None = Field(default=None, gt=0, description="number of Kronecker terms (default 1)")
+    rank: int | None = Field(default=None, gt=0,
+                             description="number of Kronecker terms (default 1)")
     ratio: float | None = Field(default=None, ge=0, lt=1, description=(
         "fraction of the layer's parameters to remove; the Kronecker terms and the residual "
         "(values + int32 indices) together stay within the rest"))

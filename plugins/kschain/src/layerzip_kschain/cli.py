@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "--resume.")
     d = TrainConfig("")
     t.add_argument("--weight_path", required=True,
-                   help=".pt/.pth (loaded with weights_only=True) or .safetensors with a 2-D tensor")
+                   help=".pt/.pth (loaded with weights_only=True) or .safetensors with a 2-D "
+                        "tensor")
     t.add_argument("--weight_key", default=None, help="which tensor, when the file holds several")
     t.add_argument("--rank", type=int, default=d.rank, help="inner rank of the chain")
     t.add_argument("--num_factors", type=int, default=d.num_factors)

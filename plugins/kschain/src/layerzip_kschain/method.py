@@ -49,8 +49,8 @@ class KSChainParams(Params):
             given = [k for k in ("rank", "ratio") if getattr(self, k) is not None] + \
                 (["divisors"] if "divisors" in self.model_fields_set else [])
             if given or "num_factors" in self.model_fields_set:
-                raise ValueError(f"'patterns' fixes the chain: drop "
-                                 f"{given + (['num_factors'] if 'num_factors' in self.model_fields_set else [])}")
+                fixed = given + (["num_factors"] if "num_factors" in self.model_fields_set else [])
+                raise ValueError(f"'patterns' fixes the chain: drop {fixed}")
             try:
                 check_chain(self.patterns)
             except PatternError as exc:

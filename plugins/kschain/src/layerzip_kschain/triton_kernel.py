@@ -7,9 +7,9 @@ loops over c with tensor-core dots (fp32 accumulation). Inputs and outputs are a
 
 - batch-first (T × n), 16-bit, d a power of two: ``_ks_fwd_split``, a program owns g
   consecutive δ of one α (g = d up to 8; beyond, g ∈ {2, 4, 8} is tuned), loads the
-  (tokens × c·g) tile (the whole contiguous tile when g = d, runs of g elements otherwise) and splits it in registers into its g slices, one 2-D
-  dot each (H100, bf16, d ∈ {4, 8}: median 2.20× over bmm under CUDA graphs, the 3-D kernel's
-  1.06×);
+  (tokens × c·g) tile (the whole contiguous tile when g = d, runs of g elements otherwise)
+  and splits it in registers into its g slices, one 2-D dot each (H100, bf16, d ∈ {4, 8}:
+  median 2.20× over bmm under CUDA graphs, the 3-D kernel's 1.06×);
 - other batch-first factors with d ≥ 4: ``_ks_fwd_3d``, a program owns BD consecutive δ so each
   token's loads are runs of BD contiguous elements, and its BD block products are one batched
   (3-D) dot;
@@ -264,12 +264,12 @@ if triton is not None:
                       D: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
                       BB: tl.constexpr, BK: tl.constexpr, DG: tl.constexpr):
         """Batch-first, d a power of two: a program owns DG consecutive δ of one α (DG = d up
-        to 8, tuned among 2, 4, 8 beyond; d/DG programs per α). It loads x as one (BT, BK·DG) tile — runs of DG contiguous
-        elements per γ, the whole tile contiguous when DG = d; coalesced, vectorized,
-        pipelined, unlike the stride-d loads of one δ — and splits it in registers into the
-        DG (BT, BK) slices (tl.split halves the innermost axis, δ's lowest bit first), each a
-        2-D tensor-core dot with its own block; the DG accumulators are joined back into
-        (BT, BB·DG) and stored the same way."""
+        to 8, tuned among 2, 4, 8 beyond; d/DG programs per α). It loads x as one (BT, BK·DG)
+        tile — runs of DG contiguous elements per γ, the whole tile contiguous when DG = d;
+        coalesced, vectorized, pipelined, unlike the stride-d loads of one δ — and splits it
+        in registers into the DG (BT, BK) slices (tl.split halves the innermost axis, δ's
+        lowest bit first), each a 2-D tensor-core dot with its own block; the DG accumulators
+        are joined back into (BT, BB·DG) and stored the same way."""
         groups = D // DG
         alpha = tl.program_id(0) // groups
         dg0 = (tl.program_id(0) % groups) * DG   # first δ of this program

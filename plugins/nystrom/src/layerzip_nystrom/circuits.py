@@ -159,7 +159,8 @@ class CirkitMnist(layerzip.ModelSource):
         return image_circuit(self.k, side=self.side)
 
     def _cache_prefix(self) -> Path:
-        return layerzip.cache_dir() / "cirkit-mnist" / f"k{self.k}-side{self.side}-steps{self.steps}"
+        name = f"k{self.k}-side{self.side}-steps{self.steps}"
+        return layerzip.cache_dir() / "cirkit-mnist" / name
 
     def trained(self, log=None, symbolic=None):
         """(symbolic circuit, its integral, compiled circuit, compiled integral) with the

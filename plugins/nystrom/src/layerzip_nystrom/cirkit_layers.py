@@ -68,7 +68,8 @@ class NystromSumLayer(TorchInnerLayer):
             raise ValueError(f"A {a.shape} ⊗ B {b.shape} does not give "
                              f"{num_output_units}×{num_input_units}")
         if not 1 <= rank <= min(num_output_units, num_input_units):
-            raise ValueError(f"rank {rank} must be in [1, {min(num_output_units, num_input_units)}]")
+            top = min(num_output_units, num_input_units)
+            raise ValueError(f"rank {rank} must be in [1, {top}]")
         self.a, self.b = a, b
         if middle not in ("intersection", "optimal"):
             raise ValueError(f"middle must be 'intersection' or 'optimal', got {middle!r}")
