@@ -234,7 +234,7 @@ def test_fused_dependent_launch_compiles_for_hopper(m, hbuf):
     # 4096→m, r = 256, T = 16 on 132 SMs). Both weight tiles are read before the kernel waits
     # on the one before it (the prefetched U tile first, then V's), and nothing spills. With
     # two h, x's loads are issued before h's epoch is read (not after it: they would wait
-    # for it), and the barrier's arrival is the call's only atomic on the counter.
+    # for it), and the barrier's arrival is the call's only arrival at the counter.
     pytest.importorskip("triton")
     from layerzip.testing import compile_ptx
 
