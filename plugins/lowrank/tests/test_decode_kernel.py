@@ -97,7 +97,7 @@ def test_two_h_alternate_by_epoch_and_each_call_zeroes_the_other():
     from layerzip_lowrank.decode_kernel import _programs, _scratch_for, plan
 
     x, u, v, b = case(4, 96, 64, 32, torch.float16)
-    dev = torch.device(DEVICE)
+    dev = x.device  # (with its index: the scratch is kept per device)
     g = _programs(dev)
     p = plan(4, 96, 64, 32, g, hbuf=2)
     h, counter = _scratch_for(dev, p["BT"], p["RP"], g, False, 2)
