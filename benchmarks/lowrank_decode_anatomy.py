@@ -33,11 +33,11 @@ def _empty_kernel(PDL: tl.constexpr):
 
 
 def launcher(x, u, v, b, phase: int, p: dict, g: int):
-    h, counter = _scratch_for(x.device, p["BT"], p["RP"], g, fused=False)
+    h, counter = _scratch_for(x.device, p["BT"], p["RP"], g, False, p["HBUF"])
     t, n = x.shape
     m, r = u.shape
     y = torch.empty((t, m), device=x.device, dtype=x.dtype)
-    meta = {k: p[k] for k in ("BT", "KC", "BR", "BN", "BK2", "RP", "HBUF", "ZB")}
+    meta = {k: p[k] for k in ("BT", "KC", "BR", "BN", "BK2", "RP", "HBUF", "ZB", "TICKET")}
 
     def run():
         _DECODE((g,), x, v, u, b, h, y, counter, counter, t, n, m, r, p["N_RB"], p["N_UNITS"],
