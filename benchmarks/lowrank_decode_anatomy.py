@@ -37,7 +37,7 @@ def launcher(x, u, v, b, phase: int, p: dict, g: int):
     t, n = x.shape
     m, r = u.shape
     y = torch.empty((t, m), device=x.device, dtype=x.dtype)
-    meta = {k: p[k] for k in ("BT", "KC", "BR", "BN", "BK2", "RP", "HBUF", "ZB", "TICKET")}
+    meta = {k: p[k] for k in ("BT", "KC", "BR", "BN", "BK2", "RP", "HBUF", "ZB")}
 
     def run():
         _DECODE((g,), x, v, u, b, h, y, counter, counter, t, n, m, r, p["N_RB"], p["N_UNITS"],

@@ -13,10 +13,9 @@ Per call, medians over programs, in µs, relative to the previous call's last "e
 counter):
 ``start`` (the program began: a dependent launch starts before the previous call ends),
 ``waited`` (gdc_wait returned), ``arrived``, ``left`` (the barrier), ``end``; and the period
-between calls. Variants: the shipped kernel (two h alternating by call, the barrier's
-target from the call's epoch); the barrier's target from the count the arrival returns
-(ticket); one h (hbuf = 1: the call's last program zeroes it after an end-of-call arrival);
-without the dependent launch (pdl off); each
+between calls. Variants: the shipped kernel (two h alternating by call); one h (hbuf = 1:
+the call's last program zeroes it after an end-of-call arrival); without the dependent launch
+(pdl off); each
 layer followed by an elementwise op (torch.add: no dependent launch lets it overlap); eight
 warps instead of four.
 
@@ -113,7 +112,6 @@ def main() -> None:
     g = _programs(torch.device("cuda"))
     rows = [{"machine": machine_info()}]
     variants = {"shipped (pdl, two h)": ({}, False),
-                "pdl, two h, ticket": ({"ticket": 1}, False),
                 "pdl, one h": ({"hbuf": 1}, False), "pdl, 8 warps": ({"warps": 8}, False),
                 "pdl off": ({"pdl": 0}, False), "pdl, torch.add after each": ({}, True)}
     for t, n, m, r in SHAPES:

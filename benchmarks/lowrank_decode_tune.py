@@ -26,7 +26,7 @@ from lowrank_cases import make_case, weight_copies
 
 SHAPES = [(16, 4096, 11008, 256), (16, 4096, 4096, 256), (1, 4096, 11008, 256)]
 GRID = {"br": (64,), "kc": (64, 128, 256), "bn": (64, 128), "bk2": (64,), "warps": (4, 8),
-        "prefetch": (0, 1, 2), "pdl": (1,), "split": (0, 1), "hbuf": (1, 2), "ticket": (0, 1)}
+        "prefetch": (0, 1, 2), "pdl": (1,), "split": (0, 1), "hbuf": (1, 2)}
 # a layer followed by an elementwise op, per launch mode (the default: two h)
 INTERLEAVED = {"pdl off": {"pdl": 0}, "pdl on": {"pdl": 1}, "pdl, split": {"pdl": 1, "split": 1},
                "pdl, one h": {"pdl": 1, "hbuf": 1}}
@@ -55,10 +55,6 @@ def main() -> None:
         default = plan(t, n, m, r, g)
         for values in itertools.product(*GRID.values()):
             tiles = dict(zip(GRID, values, strict=True))
-            try:
-                plan(t, n, m, r, g, **tiles)
-            except ValueError:  # a combination the kernel does not take (one h, no ticket)
-                continue
             with torch.no_grad():
                 out = lowrank_decode(x, u, v, b, tiles=tiles)
                 err = float((out.double() - ref).norm() / ref.norm())

@@ -18,10 +18,8 @@ FUSED = [False, True] if ON_GPU else [False]
 DTYPES = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]  # interpreter: no bf16
 
 
-# how calls share the scratch: one h, or two alternating by call whose barrier targets come
-# from the count each arrival returns (ticket) or from the call's epoch (the default)
-SCRATCH = pytest.mark.parametrize("scratch", [{"hbuf": 1}, {"hbuf": 2, "ticket": 1}, {}],
-                                  ids=["one_h", "two_h_ticket", "two_h"])
+# how calls share the scratch: one h, or two alternating by call (the default)
+SCRATCH = pytest.mark.parametrize("scratch", [{"hbuf": 1}, {}], ids=["one_h", "two_h"])
 
 
 def case(t, n, m, r, dtype, bias=True, seed=0):
@@ -120,11 +118,9 @@ def test_two_h_alternate_by_epoch_and_each_call_zeroes_the_other():
         assert not halves[(epoch + 1) % 2].any()
 
 
-def test_hbuf_is_one_or_two_and_only_two_know_their_epoch():
+def test_hbuf_is_one_or_two():
     with pytest.raises(ValueError, match="hbuf is 1 or 2"):
         lowrank_decode(*case(4, 32, 32, 16, torch.float16), tiles={"hbuf": 3})
-    with pytest.raises(ValueError, match="ticket=0 needs hbuf=2"):
-        lowrank_decode(*case(4, 32, 32, 16, torch.float16), tiles={"hbuf": 1, "ticket": 0})
 
 
 def test_leading_dimensions_and_strided_factors():
@@ -184,9 +180,8 @@ def test_fused_kernel_replays_from_a_cuda_graph(scratch):
 
 @pytest.mark.skipif(not ON_GPU, reason="programmatic dependent launch: a GPU (sm_90) feature")
 @pytest.mark.parametrize("mode", [{"split": 0, "hbuf": 1}, {"split": 1, "hbuf": 1},
-                                  {"split": 0, "ticket": 1}, {"split": 0}, {"split": 1}],
-                         ids=["one_launch_one_h", "split_launches_one_h",
-                              "one_launch_two_h_ticket", "one_launch_two_h",
+                                  {"split": 0}, {"split": 1}],
+                         ids=["one_launch_one_h", "split_launches_one_h", "one_launch_two_h",
                               "split_launches_two_h"])
 @pytest.mark.parametrize("graphed", [False, True])
 def test_dependent_launches_wait_for_the_layer_before(graphed, mode):
@@ -233,13 +228,12 @@ DECODE_SIGNATURE = {
     # unit strides: the launcher specializes an integer argument equal to 1 as a constant
     **{p: "constexpr" for p in ("sxn", "svr", "sur", "sym", "HAS_BIAS", "PHASE", "BT", "KC",
                                 "BR", "BN", "BK2", "RP", "PREFETCH", "PDL", "ENDS_CALL",
-                                "HBUF", "ZB", "TICKET", "TRACE")}}
+                                "HBUF", "ZB", "TRACE")}}
 
 
-@pytest.mark.parametrize("hbuf,ticket", [(1, 1), (2, 1), (2, 0)],
-                         ids=["one_h", "two_h_ticket", "two_h"])
+@pytest.mark.parametrize("hbuf", [1, 2], ids=["one_h", "two_h"])
 @pytest.mark.parametrize("m", [11008, 4096])
-def test_fused_dependent_launch_compiles_for_hopper(m, hbuf, ticket):
+def test_fused_dependent_launch_compiles_for_hopper(m, hbuf):
     # the fused kernel only runs on a GPU: compile it for sm_90 here (the tiles of
     # 4096→m, r = 256, T = 16 on 132 SMs). Both weight tiles are read before the kernel waits
     # on the one before it (the prefetched U tile first, then V's), and nothing spills. With
@@ -250,14 +244,14 @@ def test_fused_dependent_launch_compiles_for_hopper(m, hbuf, ticket):
 
     from layerzip_lowrank.decode_kernel import plan
 
-    p = plan(16, 4096, m, 256, 132, hbuf=hbuf, ticket=ticket)
+    p = plan(16, 4096, m, 256, 132, hbuf=hbuf)
     assert p["PREFETCH"]
     ptx = compile_ptx("layerzip_lowrank.decode_kernel", "_decode_kernel", DECODE_SIGNATURE,
                       {"HAS_BIAS": True, "PHASE": 0, "PDL": True, "ENDS_CALL": True,
                        "TRACE": False, "sxn": 1,
                        "svr": 1, "sur": 1, "sym": 1,
                        **{k: p[k] for k in ("BT", "KC", "BR", "BN", "BK2", "RP", "PREFETCH",
-                                              "HBUF", "ZB", "TICKET")}},
+                                              "HBUF", "ZB")}},
                       num_warps=p["warps"],
                       # what the launcher marks as multiples of 16 at this shape
                       divisible=("x_ptr", "v_ptr", "u_ptr", "b_ptr", "h_ptr", "y_ptr", "T",
@@ -274,17 +268,8 @@ def test_fused_dependent_launch_compiles_for_hopper(m, hbuf, ticket):
     # from the wait to phase 1's first atomic add into h
     first = "".join(_load_sources(ptx, {"0": "X", "6": "S"}, wait, ptx.index("red.global")))
     assert first == ("XX" if hbuf == 1 else "XXS"), first
-    # the counter's atomics: with a ticket, the barrier's arrival returns the count that the
-    # program waits for (+ the end's arrival, one h); without, the arrival is a release
-    # whose answer nothing reads (triton 3.9 writes a reduction, 3.6 an atom)
     counter_atomics = re.findall(r"atom\.global\.gpu\.acq_rel\.add\.u64", ptx)
-    assert len(counter_atomics) == ticket * (3 - hbuf)
-    arrivals = list(re.finditer(r"(?:red|atom)\.global\.gpu\.release\.add\.u64\s+(%rd\d+)?",
-                                ptx))
-    assert len(arrivals) == 1 - ticket
-    for arrival in arrivals:
-        answer = arrival.group(1)
-        assert answer is None or not re.search(rf"{answer}\b", ptx[arrival.end():])
+    assert len(counter_atomics) == 3 - hbuf  # the barrier's arrival (+ the end's, one h)
 
 
 def _load_sources(ptx: str, params: dict[str, str], start: int, end: int) -> list[str]:

@@ -82,22 +82,19 @@ if triton is not None:
     @triton.jit
     def _h_of_call(h_ptr, sync_ptr, pid, G, HSIZE: tl.constexpr, HBUF: tl.constexpr,
                    ZB: tl.constexpr, ZERO_OTHER: tl.constexpr):
-        """(this call's h, its epoch). With HBUF = 2 the scratch holds two h of HSIZE
-        elements, used by alternate calls: the call's epoch is the counter (G arrivals a call)
-        over G, read once the previous call has finished; with ZERO_OTHER this program zeroes
-        its ZB-element share of the other h, the previous call's, for the next call. With
-        HBUF = 1 the epoch is not known here (0)."""
+        """This call's h. With HBUF = 2 the scratch holds two h of HSIZE elements, used by
+        alternate calls: the call's epoch is the counter (G arrivals a call) over G, read once
+        the previous call has finished; with ZERO_OTHER this program zeroes its ZB-element
+        share of the other h, the previous call's, for the next call."""
         hc = h_ptr
-        epoch = tl.zeros((), dtype=tl.int64)
         if HBUF == 2:
-            epoch = tl.load(sync_ptr, volatile=True) // G
-            half = epoch % 2
+            half = (tl.load(sync_ptr, volatile=True) // G) % 2
             if ZERO_OTHER:
                 zs = pid * ZB + tl.arange(0, ZB)
                 tl.store(h_ptr + (1 - half) * HSIZE + zs, tl.zeros((ZB,), dtype=tl.float32),
                          mask=zs < HSIZE)
             hc = h_ptr + half * HSIZE
-        return hc, epoch
+        return hc
 
     @triton.jit
     def _decode_kernel(
@@ -107,7 +104,7 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, PHASE: tl.constexpr, BT: tl.constexpr, KC: tl.constexpr,
         BR: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr, RP: tl.constexpr,
         PREFETCH: tl.constexpr, PDL: tl.constexpr, ENDS_CALL: tl.constexpr, HBUF: tl.constexpr,
-        ZB: tl.constexpr, TICKET: tl.constexpr, TRACE: tl.constexpr,
+        ZB: tl.constexpr, TRACE: tl.constexpr,
     ):
         pid = tl.program_id(0)
         HSIZE: tl.constexpr = BT * RP
@@ -152,7 +149,7 @@ if triton is not None:
                 x0 = tl.load(x_ptr + rows[:, None] * sxt + ks0[None, :] * sxn,
                              mask=has0 & rmask[:, None] & (ks0[None, :] < N_IN), other=0.0)
             # (h's epoch is read only now: the previous call has finished)
-            hc, epoch = _h_of_call(h_ptr, sync_ptr, pid, G, HSIZE, HBUF, ZB, True)
+            hc = _h_of_call(h_ptr, sync_ptr, pid, G, HSIZE, HBUF, ZB, True)
             if PDL:
                 tl.atomic_add(hc + rows[:, None] * RP + rs0[None, :], tl.dot(x0, v0),
                               mask=has0 & rmask[:, None] & (rs0[None, :] < R), sem="relaxed")
@@ -172,15 +169,11 @@ if triton is not None:
         if PHASE == 0:
             # grid barrier: arrive (release: this program's atomics above are visible), then
             # wait until all G programs of this call have arrived (acquire)
-            if TICKET:
-                # the call is known by the count the arrival returns (a round trip to L2)
-                ticket = tl.atomic_add(sync_ptr, 1, sem="acq_rel")
-                target = (ticket // G + 1) * G
-            else:
-                # the call's epoch is known (two h): arrive without waiting for an answer
-                tl.atomic_add(sync_ptr, 1, sem="release")
-                target = (epoch + 1) * G
+            # (with two h the call's epoch is known before, but an arrival that waits for no
+            # answer measured the same: results/lowrank_decode_tune_ticket.md)
+            ticket = tl.atomic_add(sync_ptr, 1, sem="acq_rel")
             _stamp(trace_ptr, pid, 4, TRACE)
+            target = (ticket // G + 1) * G
             while tl.atomic_add(sync_ptr, 0, sem="acquire") < target:
                 pass
             _stamp(trace_ptr, pid, 5, TRACE)
@@ -192,7 +185,7 @@ if triton is not None:
                 tl.extra.cuda.gdc_wait()
                 tl.extra.cuda.gdc_launch_dependents()
             if PHASE == 2:  # (a launch of its own: which h is this call's)
-                hc, epoch = _h_of_call(h_ptr, sync_ptr, pid, G, HSIZE, HBUF, ZB, False)
+                hc = _h_of_call(h_ptr, sync_ptr, pid, G, HSIZE, HBUF, ZB, False)
             first = pid
             if PREFETCH:
                 # h beyond R is zero (never added to), so the whole RP width is loaded
@@ -320,7 +313,7 @@ def _zeros(device: torch.device, *specs: tuple[int, torch.dtype]) -> list[torch.
 @functools.lru_cache(maxsize=1024)
 def plan(t: int, n: int, m: int, r: int, g: int, br: int = 0, kc: int = 0, bn: int = 0,
          bk2: int = 0, warps: int = 4, prefetch: int | None = None, pdl: int = 1,
-         split: int = 0, tw: int = 0, hbuf: int = 2, ticket: int | None = None) -> dict:
+         split: int = 0, tw: int = 0, hbuf: int = 2) -> dict:
     """Tile sizes for T = t rows: about one phase-1 unit and one phase-2 tile per program.
     Nonzero br/kc/bn/bk2 override the heuristic, prefetch/pdl the defaults
     (benchmarks/lowrank_decode_tune.py). ``prefetch``: 0 reads every U tile in phase 2, 1
@@ -331,16 +324,9 @@ def plan(t: int, n: int, m: int, r: int, g: int, br: int = 0, kc: int = 0, bn: i
     ``hbuf``: 1, one h that the call's last program zeroes after a second arrival at the
     counter; 2 (the default), two h used by alternate calls, each call zeroing the previous
     call's as it starts, so a call ends with its stores (no end-of-call atomic on the fused
-    path). ``ticket``: 1, a program learns its call's barrier target from the count its
-    arrival returns; 0 (the default with two h, which know the call's epoch from the start),
-    it arrives without waiting for that answer."""
+    path; 4.4 instead of 5.3 µs at 4096², results/lowrank_decode_tune_hbuf.md)."""
     if hbuf not in (1, 2):
         raise ValueError(f"hbuf is 1 or 2, got {hbuf}")
-    if ticket is None:
-        ticket = int(hbuf == 1)
-    if not ticket and hbuf == 1:
-        raise ValueError("ticket=0 needs hbuf=2: with one h the call's epoch is not known "
-                         "before the barrier")
     # measured on the H100 (benchmarks/results/lowrank_decode_tune*.md): r blocks of 64 and
     # about one phase-1 unit per program
     br = br or _clamp_pow2(r, 16, 64)
@@ -372,7 +358,6 @@ def plan(t: int, n: int, m: int, r: int, g: int, br: int = 0, kc: int = 0, bn: i
             "RP": rp, "N_RB": n_rb, "N_UNITS": cdiv(n, kc) * n_rb,
             "N_TILES": cdiv(m, tw), "TW": tw, "warps": warps, "PREFETCH": int(prefetch),
             "PDL": bool(pdl), "SPLIT": bool(split and pdl), "HBUF": hbuf,
-            "TICKET": bool(ticket),
             # each program's share of the other h to zero (hbuf = 2)
             "ZB": _next_pow2(cdiv(bt * rp, g))}
 
@@ -383,7 +368,7 @@ def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
     """y = (x @ v) @ uᵀ + bias for x with at most 64 rows (over its last dimension). ``fused``
     (default: on a GPU) runs both phases in one launch with a grid barrier; otherwise two.
     ``tiles`` overrides tile sizes and options ({"br", "kc", "bn", "bk2", "warps", "prefetch",
-    "pdl", "split", "tw", "hbuf", "ticket"}; for tuning: ``plan``). ``pdl``: launch as a
+    "pdl", "split", "tw", "hbuf"}; for tuning: ``plan``). ``pdl``: launch as a
     programmatic dependent launch (compute capability ≥ 9; ignored elsewhere and on the
     two-launch path).
     ``trace`` (a diagnostic, GPU only: an int64 tensor of G × 8): each program writes its SM,
@@ -413,7 +398,7 @@ def lowrank_decode(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
             t, n, m, r, p["N_RB"], p["N_UNITS"], p["N_TILES"], p["TW"], g,
             x2.stride(0), x2.stride(1), v.stride(0), v.stride(1), u.stride(0), u.stride(1),
             y.stride(0), y.stride(1))
-    meta = {k: p[k] for k in ("BT", "KC", "BR", "BN", "BK2", "RP", "HBUF", "ZB", "TICKET")}
+    meta = {k: p[k] for k in ("BT", "KC", "BR", "BN", "BK2", "RP", "HBUF", "ZB")}
     meta["TRACE"] = trace is not None
     if fused:
         pdl = {"launch_pdl": True} if p["PDL"] and _pdl_capable(x.device) else {}
