@@ -37,12 +37,15 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/lowrank_decode_tune")
     ap.add_argument("--grid", type=json.loads, default=None,
                     help='JSON replacing entries of GRID, e.g. \'{"br": [64, 128]}\'')
+    ap.add_argument("--shapes", type=json.loads, default=None,
+                    help="JSON list of [t, n, m, r] replacing SHAPES, e.g. "
+                         "'[[16, 11008, 4096, 256]]'")
     args = ap.parse_args()
     if args.grid:
         GRID.update({k: tuple(v) for k, v in args.grid.items()})
     rows, interleaved = [], []
     g = _programs(torch.device("cuda"))
-    for t, n, m, r in SHAPES:
+    for t, n, m, r in args.shapes or SHAPES:
         x, w, u, v, b = make_case(t, n, m, r, torch.bfloat16, "cuda")
         ref = (x.double() @ v.double()) @ u.double().t() + b.double()
         ws = [w_ for (w_,) in weight_copies(w)]

@@ -118,6 +118,16 @@ def test_two_h_alternate_by_epoch_and_each_call_zeroes_the_other():
         assert not halves[(epoch + 1) % 2].any()
 
 
+def test_k_chunks_are_the_measured_ones_on_an_h100():
+    # about one phase-1 unit per program on 132 SMs: the power of two nearest to n·4 / 132
+    # (results/lowrank_decode_tune_kc.md: rounding up to 512 at 11008 was slower)
+    from layerzip_lowrank.decode_kernel import plan
+
+    assert plan(16, 4096, 4096, 256, 132)["KC"] == 128
+    assert plan(16, 11008, 4096, 256, 132)["KC"] == 256
+    assert plan(1, 11008, 4096, 256, 132)["N_UNITS"] == 172
+
+
 def test_hbuf_is_one_or_two():
     with pytest.raises(ValueError, match="hbuf is 1 or 2"):
         lowrank_decode(*case(4, 32, 32, 16, torch.float16), tiles={"hbuf": 3})
@@ -232,10 +242,10 @@ DECODE_SIGNATURE = {
 
 
 @pytest.mark.parametrize("hbuf", [1, 2], ids=["one_h", "two_h"])
-@pytest.mark.parametrize("m", [11008, 4096])
-def test_fused_dependent_launch_compiles_for_hopper(m, hbuf):
+@pytest.mark.parametrize("n,m", [(4096, 11008), (4096, 4096), (11008, 4096)])
+def test_fused_dependent_launch_compiles_for_hopper(n, m, hbuf):
     # the fused kernel only runs on a GPU: compile it for sm_90 here (the tiles of
-    # 4096→m, r = 256, T = 16 on 132 SMs). Both weight tiles are read before the kernel waits
+    # n→m, r = 256, T = 16 on 132 SMs). Both weight tiles are read before the kernel waits
     # on the one before it (the prefetched U tile first, then V's), and nothing spills. With
     # two h, x's loads are issued before h's epoch is read (not after it: they would wait
     # for it), and the barrier's arrival is the call's only arrival at the counter.
@@ -244,7 +254,7 @@ def test_fused_dependent_launch_compiles_for_hopper(m, hbuf):
 
     from layerzip_lowrank.decode_kernel import plan
 
-    p = plan(16, 4096, m, 256, 132, hbuf=hbuf)
+    p = plan(16, n, m, 256, 132, hbuf=hbuf)
     assert p["PREFETCH"]
     ptx = compile_ptx("layerzip_lowrank.decode_kernel", "_decode_kernel", DECODE_SIGNATURE,
                       {"HAS_BIAS": True, "PHASE": 0, "PDL": True, "ENDS_CALL": True,
@@ -267,7 +277,8 @@ def test_fused_dependent_launch_compiles_for_hopper(m, hbuf):
     assert ".local" not in ptx
     # from the wait to phase 1's first atomic add into h
     first = "".join(_load_sources(ptx, {"0": "X", "6": "S"}, wait, ptx.index("red.global")))
-    assert first == ("XX" if hbuf == 1 else "XXS"), first
+    x = "X" * (p["BT"] * p["KC"] // per_thread)  # this program's x chunk
+    assert first == (x if hbuf == 1 else x + "S"), first
     counter_atomics = re.findall(r"atom\.global\.gpu\.acq_rel\.add\.u64", ptx)
     assert len(counter_atomics) == 3 - hbuf  # the barrier's arrival (+ the end's, one h)
 

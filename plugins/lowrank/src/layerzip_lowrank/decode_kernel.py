@@ -242,6 +242,12 @@ def _clamp_pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, _next_pow2(max(1, n))))
 
 
+def _nearest_pow2(n: int, lo: int, hi: int) -> int:
+    """The power of two nearest to n (the larger one on a tie), within [lo, hi]."""
+    up = _next_pow2(max(1, n))
+    return max(lo, min(hi, up if up - n <= n - up // 2 else up // 2))
+
+
 _scratch: dict = {}
 _retired: list = []
 
@@ -328,10 +334,13 @@ def plan(t: int, n: int, m: int, r: int, g: int, br: int = 0, kc: int = 0, bn: i
     if hbuf not in (1, 2):
         raise ValueError(f"hbuf is 1 or 2, got {hbuf}")
     # measured on the H100 (benchmarks/results/lowrank_decode_tune*.md): r blocks of 64 and
-    # about one phase-1 unit per program
+    # about one phase-1 unit per program: K chunks of the power of two nearest to n·n_rb / G.
+    # At 4096 that is 128 (128 units on 132 SMs); at 11008, 256 (172 units), where the next
+    # power of two up (512: 88 units of 64 KB V tiles) took 8.0 instead of 7.2 µs at
+    # 11008→4096, T = 16, and 7.7 instead of 5.9 at T = 1 (lowrank_decode_tune_kc.md)
     br = br or _clamp_pow2(r, 16, 64)
     n_rb = cdiv(r, br)
-    kc = kc or _clamp_pow2(cdiv(n * n_rb, g), 32, 512)
+    kc = kc or _nearest_pow2(cdiv(n * n_rb, g), 32, 512)
     # one output tile of ⌈m / G⌉ columns per program, inside a block of the next power of two
     # (masked lanes read nothing): every SM streams an equal share of U. At 4096→11008 that is
     # 84 columns on 132 programs instead of 128-column tiles on 86: 6.6 instead of 7.1 µs at
