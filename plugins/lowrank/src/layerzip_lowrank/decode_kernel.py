@@ -12,20 +12,21 @@ One program per SM, two phases separated by a grid-wide barrier:
    streams an equal share of U) are spread over all programs: each reads h (from L2, bypassing
    L1) and its U tile, adds the bias and writes y once.
 
-The barrier is an arrival counter that only grows (int64): a call adds 2·G to it for G
-programs (constant per device), so nothing needs resetting between calls and the kernel can be
-captured in a CUDA graph. Program tickets of a call's first arrival lie in [2eG, 2eG + G), so
-each waits for (ticket // G + 1)·G. After phase 2 every program arrives once more without
-waiting; the last one (ticket ≡ G − 1 mod G) zeroes h for the next call, which by stream order
-starts after this one has finished. Scratch is per (device, stream), so two streams never
-share it.
-
-A tuning option (``hbuf`` = 2, not yet measured, so not the default) takes that second
-arrival and the zeroing off the end of the call, where the next layer waits for them: the
-scratch holds two h, used by alternate calls (the epoch, counter // G with one arrival per
-program and call, is read after waiting for the previous kernel), and every program zeroes
-its share of the other h, the previous call's, as it starts. The previous call on a scratch
-must then have used the same h size, so this scratch is per (bt, rp) as well.
+The barrier is an arrival counter that only grows (int64), so nothing needs resetting between
+calls and the kernel can be captured in a CUDA graph. Scratch is per (device, stream), so two
+streams never share it. How calls share h (``hbuf``):
+- 2, the default: the scratch holds two h, used by alternate calls, and a call adds G to the
+  counter (the barrier's arrivals). Its epoch, counter // G, is read after waiting for the
+  previous kernel; each program adds into h[epoch % 2], waits for (epoch + 1)·G arrivals (its
+  ticket // G + 1 times G), and zeroes its share of the other h, the previous call's, as it
+  starts. A call thus ends with its stores. The previous call on a scratch must have used the
+  same h size, so this scratch is per (bt, rp) as well.
+- 1: one h shared by every layer, and a call adds 2·G: after phase 2 every program arrives once
+  more without waiting, and the last one (ticket ≡ G − 1 mod G) zeroes h for the next call,
+  which by stream order starts after this one has finished. The next layer waits for that
+  second arrival and the zeroing: 1.3-1.5 µs between a layer's stores and the next one's wait,
+  against 0.26 with two h; 5.3 instead of 4.4 µs a layer at 4096², r = 256, T = 16 on the H100
+  (benchmarks/results/lowrank_decode_tune_hbuf.md, lowrank_decode_timeline.md).
 
 On compute capability ≥ 9 the kernel is a programmatic dependent launch (``pdl``, default on):
 it may start while the previous kernel on the stream still runs, reads only weights — its first
