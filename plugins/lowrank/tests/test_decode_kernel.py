@@ -174,12 +174,11 @@ def test_backend_declines_what_it_cannot_run():
 def test_fused_kernel_replays_from_a_cuda_graph(scratch):
     x, u, v, b = case(16, 512, 384, 64, torch.bfloat16)
     static_x = x.clone()
-    tiles = scratch
-    lowrank_decode(static_x, u, v, b, tiles=tiles)  # compile outside capture
+    lowrank_decode(static_x, u, v, b, tiles=scratch)  # compile outside capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = lowrank_decode(static_x, u, v, b, tiles=tiles)
+        out = lowrank_decode(static_x, u, v, b, tiles=scratch)
     for seed in range(6):  # several epochs (with two h: both, alternately)
         static_x.copy_(torch.randn(16, 512, generator=torch.Generator().manual_seed(seed)
                                    ).to(DEVICE, torch.bfloat16))

@@ -337,8 +337,8 @@ def plan(t: int, n: int, m: int, r: int, g: int, br: int = 0, kc: int = 0, bn: i
     # measured on the H100 (benchmarks/results/lowrank_decode_tune*.md): r blocks of 64 and
     # about one phase-1 unit per program: K chunks of the power of two nearest to n·n_rb / G.
     # At 4096 that is 128 (128 units on 132 SMs); at 11008, 256 (172 units), where the next
-    # power of two up (512: 88 units of 64 KB V tiles) took 8.0 instead of 7.2 µs at
-    # 11008→4096, T = 16, and 7.7 instead of 5.9 at T = 1 (lowrank_decode_tune_kc.md)
+    # power of two up (512: 88 units of 64 KB V tiles) took 8.4 instead of 6.8 µs at
+    # 11008→4096, T = 16, and 7.9 instead of 5.8 at T = 1 (lowrank_decode_tune_kc.md)
     br = br or _clamp_pow2(r, 16, 64)
     n_rb = cdiv(r, br)
     kc = kc or _nearest_pow2(cdiv(n * n_rb, g), 32, 512)

@@ -10,8 +10,8 @@ host-bound already); the backends use them only while compiling.
 
 ``decode`` is functional from the outside although the kernel keeps per-stream scratch (h and
 an arrival counter): every call leaves the scratch ready for the next (with the default two
-h, the next call's h zeroed; with ``hbuf`` = 1, the one h) and the counter only grows, so calls
-commute with everything else in the graph.
+h, the h the next call uses is zeroed; with ``hbuf`` = 1, the one h is) and the counter only
+grows, so calls commute with everything else in the graph.
 """
 
 from __future__ import annotations
