@@ -52,6 +52,18 @@ def compiled(pdl: bool, *models):
     return [torch.compile(m, fullgraph=True) for m in models], settings
 
 
+def autotune_graph_timings(tokens: int) -> dict:
+    """For each shape autotune measured at this many tokens (u's shape, v's, bias or not):
+    its choice for graphs and every candidate's µs per call in a graph (None: not capturable),
+    so a run's `auto` figure can be traced to its choices."""
+    auto = layerzip.get_backend("lowrank_matmul", "autotune")
+    bucket = 1 << max(0, (tokens - 1).bit_length())
+    return {str(key[4:]): {"choice": getattr(auto.graph_choices.get(key), "name", None),
+                           **{name: None if g is None else g * 1e6
+                              for name, (_, g) in timings.items()}}
+            for key, timings in auto.timings.items() if key[2] == bucket}
+
+
 def stack():
     torch.manual_seed(0)
     return nn.Sequential(*[Block() for _ in range(BLOCKS)]).cuda().bfloat16().eval()
@@ -80,6 +92,9 @@ def test_projection_stack(benchmark, backend, mode, tokens):
     x = torch.randn(tokens, HIDDEN, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         eager = low(x)  # autotune measures here, before any capture or compile
+    if backend == "auto":
+        benchmark.extra_info["autotune_graph_us"] = autotune_graph_timings(tokens)
+    with torch.no_grad():
         fd, fl = (lambda: dense(x)), (lambda: low(x))
         if mode == "graphs":
             fd, fl = graphed(fd), graphed(fl)

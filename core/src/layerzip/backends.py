@@ -125,7 +125,9 @@ class MeasuredBackend(Backend):
     Calls that need gradients are measured separately and choose among differentiable backends
     only, so this backend is itself differentiable; :attr:`Backend.lossy` backends are never
     candidates, so its results match the reference's accuracy. Choices are cached in
-    :attr:`choices` and :attr:`graph_choices`. While torch.compile traces, nothing can be timed:
+    :attr:`choices` and :attr:`graph_choices`, and what they were made from in :attr:`timings`
+    (per key, each candidate's seconds per call: eager, and in a graph or None), so a
+    benchmark can say why a shape got its kernel. While torch.compile traces, nothing can be timed:
     a call gets its shape's graph choice if that kernel can be traced (a custom op), else the
     reference — so call a model eagerly once per input shape before compiling it. Not available
     without a CUDA GPU: on a CPU there is one real kernel per op."""
@@ -140,6 +142,7 @@ class MeasuredBackend(Backend):
     def __init__(self):
         self.choices: dict[tuple, Backend] = {}
         self.graph_choices: dict[tuple, Backend] = {}
+        self.timings: dict[tuple, dict[str, tuple[float, float | None]]] = {}
 
     def available(self) -> tuple[bool, str]:
         if not torch.cuda.is_available():
@@ -211,6 +214,7 @@ class MeasuredBackend(Backend):
                     seconds = _graph_seconds(lambda b=b: b(x, *args))
                     if seconds is not None:
                         in_graph.append((seconds, b))
+                    self.timings.setdefault(key, {})[b.name] = (timed[-1][0], seconds)
             best = self.choices[key] = min(timed, key=lambda tb: tb[0])[1]
             self.graph_choices[key] = min(in_graph, key=lambda tb: tb[0])[1] if in_graph \
                 else best
