@@ -10,17 +10,17 @@ variants compute nothing useful.
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from layerzip.bench import graph_time, machine_info, wake_gpu
-from layerzip_lowrank.decode_kernel import _DECODE, _programs, _scratch_for, plan
+from layerzip.bench import graph_time, wake_gpu
+from layerzip_lowrank.decode_kernel import _DECODE, _scratch_for, plan
 
 from lowrank_cases import make_case, weight_copies
+from probe_runs import decode_probe_start, write_rows
 
 SHAPES = [(16, 4096, 4096, 256), (16, 4096, 11008, 256)]
 
@@ -49,11 +49,7 @@ def launcher(x, u, v, b, phase: int, p: dict, g: int):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    g = _programs(torch.device("cuda"))
-    rows = [{"machine": machine_info()}]
+    out, g, rows = decode_probe_start()
     for t, n, m, r in SHAPES:
         x, w, u, v, b = make_case(t, n, m, r, torch.bfloat16, "cuda")
         p = plan(t, n, m, r, g)
@@ -79,8 +75,7 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
         del uvs, ws
         torch.cuda.empty_cache()
-    with open(args.out + ".jsonl", "w") as f:
-        f.write("\n".join(json.dumps(row) for row in rows) + "\n")
+    write_rows(out + ".jsonl", rows)
 
 
 if __name__ == "__main__":

@@ -24,15 +24,15 @@ warps instead of four.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 
 import torch
-from layerzip.bench import machine_info, wake_gpu
-from layerzip_lowrank.decode_kernel import _programs, lowrank_decode
+from layerzip.bench import wake_gpu
+from layerzip_lowrank.decode_kernel import lowrank_decode
 
 from lowrank_cases import make_case, weight_copies
+from probe_runs import decode_probe_start, write_rows
 
 SHAPES = [(16, 4096, 11008, 256), (16, 4096, 4096, 256), (1, 4096, 11008, 256)]
 CALLS = 48
@@ -106,11 +106,7 @@ def timeline(traces: torch.Tensor) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    g = _programs(torch.device("cuda"))
-    rows = [{"machine": machine_info()}]
+    out, g, rows = decode_probe_start()
     variants = {"shipped (pdl, two h)": ({}, False),
                 "pdl, one h": ({"hbuf": 1}, False), "pdl, 8 warps": ({"warps": 8}, False),
                 "pdl off": ({"pdl": 0}, False), "pdl, torch.add after each": ({}, True)}
@@ -126,13 +122,12 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         del uvs
         torch.cuda.empty_cache()
-    with open(args.out + ".jsonl", "w") as f:
-        f.write("\n".join(json.dumps(row) for row in rows) + "\n")
+    write_rows(out + ".jsonl", rows)
     lines = ["| shape | variant | µs per call | period | start | waited | arrived | left | end |",
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['shape']} | {r['variant']} | {r['us_per_call']:.2f} | {r['period']:.2f} | "
               + " | ".join(f"{r[k]:+.2f}" for k in STEPS) + " |" for r in rows[1:]]
-    with open(args.out + ".md", "w") as f:
+    with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 

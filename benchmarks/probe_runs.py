@@ -66,10 +66,23 @@ class ProbeRecorder:
 
     def write(self, path: str) -> None:
         """The machine's description, then every row, as JSON lines."""
-        with open(path, "w") as f:
-            f.write(json.dumps({"machine": machine_info()}) + "\n")
-            for row in self.rows:
-                f.write(json.dumps(row) + "\n")
+        write_rows(path, [{"machine": machine_info()}, *self.rows])
+
+
+def write_rows(path: str, rows: Sequence[dict]) -> None:
+    """``rows`` as JSON lines."""
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def decode_probe_start() -> tuple[str, int, list[dict]]:
+    """What a decode probe's main() starts from: the ``--out PREFIX`` of its command line, the
+    decode kernel's program count on this GPU, and its rows, the first the machine's."""
+    from layerzip_lowrank.decode_kernel import _programs
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    return ap.parse_args().out, _programs(torch.device("cuda")), [{"machine": machine_info()}]
 
 
 def faster(best: tuple | None, row: dict | None, choice, max_error: float) -> tuple | None:
