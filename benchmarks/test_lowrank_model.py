@@ -53,15 +53,14 @@ def compiled(pdl: bool, *models):
 
 
 def autotune_graph_timings(tokens: int) -> dict:
-    """For each shape autotune measured at this many tokens (u's shape, v's, bias or not):
-    its choice for graphs and every candidate's µs per call in a graph (None: not capturable),
-    so a run's `auto` figure can be traced to its choices."""
+    """For each shape autotune measured at this many tokens (gradients or not, u's shape,
+    v's, bias or not): its choice for graphs and every candidate's µs per call in a graph
+    (None: not capturable), so a run's `auto` figure can be traced to its choices."""
     auto = layerzip.get_backend("lowrank_matmul", "autotune")
-    bucket = 1 << max(0, (tokens - 1).bit_length())
-    return {str(key[4:]): {"choice": getattr(auto.graph_choices.get(key), "name", None),
-                           **{name: None if g is None else g * 1e6
-                              for name, (_, g) in timings.items()}}
-            for key, timings in auto.timings.items() if key[2] == bucket}
+    return {str(shape): {"choice": seen["graph_choice"],
+                         **{name: None if g is None else g * 1e6
+                            for name, (_, g) in seen["seconds"].items()}}
+            for shape, seen in auto.measured_at(tokens).items()}
 
 
 def stack():

@@ -120,9 +120,12 @@ def test_calls_inside_a_capture_use_the_choice_measured_for_graphs(measured, mon
     (eager,), (graphed,) = measured.choices.values(), measured.graph_choices.values()
     assert eager.name == "fast" and graphed.name == "slow"
     # what the choices were made from, per candidate: (eager seconds, seconds in a graph)
-    (timings,) = measured.timings.values()
-    assert timings["slow"][1] == 1e-6 and timings["fast"][1] == 1e-3
-    assert timings["fast"][0] < timings["slow"][0]
+    (shape, seen), = measured.measured_at(4).items()
+    assert shape[0] is False  # no gradients
+    assert seen["choice"] == "fast" and seen["graph_choice"] == "slow"
+    assert seen["seconds"]["slow"][1] == 1e-6 and seen["seconds"]["fast"][1] == 1e-3
+    assert seen["seconds"]["fast"][0] < seen["seconds"]["slow"][0]
+    assert measured.measured_at(64) == {}, "another token bucket: nothing measured"
     monkeypatch.setattr(layerzip.backends, "graph_capturing", lambda: True)
     before = Slow.calls
     torch.testing.assert_close(measured(x, w), x @ w)

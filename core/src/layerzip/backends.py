@@ -163,12 +163,26 @@ class MeasuredBackend(Backend):
                 if b.name != self.name and b.name not in self.skip and not b.lossy
                 and b.available()[0] and b.supports(x) and (b.differentiable or not grad)]
 
+    @staticmethod
+    def _token_bucket(tokens: int) -> int:
+        return 1 << max(0, (tokens - 1).bit_length())
+
     def _key(self, x: Tensor, *args) -> tuple:
         grad = torch.is_grad_enabled() and (x.requires_grad or any(
             isinstance(a, Tensor) and a.requires_grad for a in args))
         t = x.numel() // max(x.shape[-1], 1)
-        return (x.device, x.dtype, 1 << max(0, (t - 1).bit_length()), grad,
-                *self.shape_key(x, *args))
+        return (x.device, x.dtype, self._token_bucket(t), grad, *self.shape_key(x, *args))
+
+    def measured_at(self, tokens: int) -> dict[tuple, dict]:
+        """What was measured for calls of ``tokens`` rows, per (gradients or not, *shape_key):
+        {"choice": eager choice, "graph_choice": its name, "seconds": {candidate: (eager,
+        in a graph or None)}} — why each shape got its kernel."""
+        bucket = self._token_bucket(tokens)
+        return {key[3:]: {"choice": self.choices[key].name,
+                          "graph_choice": self.graph_choices[key].name,
+                          "seconds": dict(seconds)}
+                for key, seconds in self.timings.items()
+                if key[2] == bucket and key in self.graph_choices}
 
     def _compiled_choice(self, x: Tensor, *args) -> Backend | None:
         """While torch.compile traces nothing can be timed: the choice measured for CUDA graphs
