@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -98,3 +101,19 @@ def measure(backend_name: str, t, n, m, r, dtype=torch.bfloat16, device="cuda",
     out["lowrank_tflops"] = out["flops_executed"] / low.median / 1e12
     out["dense_tflops"] = 2 * t * n * m / dense.median / 1e12
     return out
+
+
+def compiled(pdl: bool, *models):
+    """([torch.compile(m, fullgraph=True) for m in models], settings): compiled afresh (no
+    recompile limit across cases); their first calls compile and must run inside ``settings``
+    (inductor's enable_pdl)."""
+    import torch._dynamo
+    import torch._inductor.config as inductor
+
+    torch._dynamo.reset()
+    has_pdl = hasattr(inductor.triton, "enable_pdl")
+    if pdl and not has_pdl:  # torch older than the device's 2.11: nothing to measure
+        pytest.skip(f"torch {torch.__version__}'s inductor has no enable_pdl")
+    settings = inductor.patch({"triton.enable_pdl": pdl}) if has_pdl \
+        else contextlib.nullcontext()
+    return [torch.compile(m, fullgraph=True) for m in models], settings

@@ -11,13 +11,16 @@ import json
 from pathlib import Path
 
 COLUMNS = [("case", "{}"), ("residual_fraction", "{:g}"), ("residual_structure", "{}"),
-           ("backend", "{}"), ("graphs", "{}"), ("mode", "{}"),
+           ("backend", "{}"), ("scope", "{}"), ("context", "{}"), ("graphs", "{}"),
+           ("mode", "{}"),
            ("dense_ms", "{:.4f}"), ("lowrank_ms", "{:.4f}"), ("speedup", "{:.2f}×"),
            ("dense_single_graph_ms", "{:.4f}"), ("lowrank_single_graph_ms", "{:.4f}"),
            ("lowrank_calls_per_replay", "{}"),
            ("graph_dense_ms", "{:.4f}"), ("graph_kron_ms", "{:.4f}"),
            ("graph_speedup", "{:.2f}×"), ("host_us", "{:.0f}"), ("flop_ratio", "{:.2f}×"),
-           ("byte_ratio", "{:.2f}×"), ("efficiency_flops", "{:.0%}"),
+           ("byte_ratio", "{:.2f}×"),
+           ("linear_flop_ratio", "{:.2f}×"), ("dense_weight_gb", "{:.2f}"),
+           ("lowrank_weight_gb", "{:.2f}"), ("efficiency_flops", "{:.0%}"),
            ("efficiency_bytes", "{:.0%}"), ("lowrank_tflops", "{:.0f}"),
            ("dense_backward_ms", "{:.4f}"), ("kron_backward_ms", "{:.4f}"),
            ("backward_speedup", "{:.2f}×"), ("graph_backward_speedup", "{:.2f}×"),

@@ -9,14 +9,14 @@ measured as in the "graphs" rows, without the host time of torch's graph bookkee
 inductor's programmatic dependent launches off and on — on, its elementwise kernels let the next
 kernel start early, which is what the decode kernel's weight prefetch needs to overlap them."""
 
-import contextlib
-
 import pytest
 import torch
 from torch import nn
 
 import layerzip
 from layerzip.bench import graphed, pedantic, time_callable
+
+from lowrank_cases import compiled
 
 
 HIDDEN, INTER, BLOCKS = 4096, 11008, 4
@@ -34,22 +34,6 @@ class Block(nn.Module):
         # attention's softmax/mixing is left out on purpose: only the weight-heavy part is timed
         x = x + self.o(self.q(x) * torch.sigmoid(self.k(x)) + self.v(x))
         return x + self.down(nn.functional.silu(self.gate(x)) * self.up(x))
-
-
-def compiled(pdl: bool, *models):
-    """([torch.compile(m, fullgraph=True) for m in models], settings): compiled afresh (no
-    recompile limit across cases); their first calls compile and must run inside ``settings``
-    (inductor's enable_pdl)."""
-    import torch._dynamo
-    import torch._inductor.config as inductor
-
-    torch._dynamo.reset()
-    has_pdl = hasattr(inductor.triton, "enable_pdl")
-    if pdl and not has_pdl:  # torch older than the device's 2.11: nothing to measure
-        pytest.skip(f"torch {torch.__version__}'s inductor has no enable_pdl")
-    settings = inductor.patch({"triton.enable_pdl": pdl}) if has_pdl \
-        else contextlib.nullcontext()
-    return [torch.compile(m, fullgraph=True) for m in models], settings
 
 
 def autotune_graph_timings(tokens: int) -> dict:

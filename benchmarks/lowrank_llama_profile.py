@@ -1,0 +1,93 @@
+"""Where the LLaMA-shaped model's GPU time goes, dense and low-rank (GPU; a diagnostic for
+test_lowrank_llama.py's end-to-end figures). torch.profiler records every kernel of a few calls
+of the prefill (eager) and of the decode step (torch.compile'd, launched without a CUDA graph so
+that each kernel shows), and sums their GPU time by kind: GEMMs (cuBLAS), the low-rank decode
+kernel, attention (SDPA's kernels), and everything else (norms, rotary embeddings, SiLU gating,
+residual adds, embedding, cache writes). Sums of kernel durations: no overlap between kernels
+is counted, so the dependent launches of the compiled case are not what this measures.
+
+    python3 lowrank_llama_profile.py --out $OUT/lowrank_llama_profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from llama_cases import PREFILL, VOCAB, compressed, decode_step, last_logits_only, llama
+from lowrank_cases import compiled
+from probe_runs import write_rows
+from layerzip.bench import machine_info
+
+KINDS = [("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+         ("low-rank decode kernel", ("_decode_kernel",)),
+         ("GEMM", ("gemm", "nvjet", "xmma", "cutlass", "splitk", "sm90", "ampere"))]
+
+
+def kind_of(kernel: str) -> str:
+    name = kernel.lower()
+    for kind, marks in KINDS:
+        if any(mark in name for mark in marks):
+            return kind
+    return "other"
+
+
+def kernel_times(fn, calls: int = 5) -> dict[str, float]:
+    """Per call: µs of GPU time by kernel name."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for e in prof.key_averages():
+        if str(e.device_type).endswith("CUDA"):
+            us = getattr(e, "self_device_time_total", None)
+            us = e.self_cuda_time_total if us is None else us
+            times[e.key] = times.get(e.key, 0.0) + us / calls
+    return times
+
+
+def summary(what: str, times: dict[str, float]) -> dict:
+    by_kind: dict[str, float] = {}
+    for name, us in times.items():
+        by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + us
+    top = sorted(times.items(), key=lambda kv: -kv[1])[:8]
+    return {"what": what, "total_us": sum(times.values()), "by_kind_us": by_kind,
+            "top": [[name[:90], us] for name, us in top]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    out = ap.parse_args().out
+    rows = [{"machine": machine_info()}]
+    dense = llama()
+    low = compressed(dense, "blocks")
+    ids = torch.randint(0, VOCAB, (1, PREFILL), device="cuda")
+    keep = last_logits_only(dense)
+    with torch.no_grad():
+        for name, model in (("dense", dense), ("low-rank", low)):
+            rows.append(summary(f"prefill {PREFILL}, eager, {name}", kernel_times(
+                lambda m=model: m(input_ids=ids, use_cache=False, **keep).logits)))
+            print(json.dumps(rows[-1]), flush=True)
+        steps = [decode_step(dense), decode_step(low)]
+        for step in steps:
+            step()  # autotune measures the decode shapes before compiling
+        (cd, cl), settings = compiled(False, dense, low)
+        for name, step, model in (("dense", steps[0], cd), ("low-rank", steps[1], cl)):
+            with settings:
+                step(model)  # compile
+            rows.append(summary(f"decode step, compiled, {name}",
+                                kernel_times(lambda s=step, m=model: s(m))))
+            print(json.dumps(rows[-1]), flush=True)
+    write_rows(out + ".jsonl", rows)
+
+
+if __name__ == "__main__":
+    main()

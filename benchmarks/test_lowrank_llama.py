@@ -1,0 +1,78 @@
+"""End to end through a whole transformers model: a LLaMA-7B-shaped ``LlamaForCausalLM`` (hidden
+4096, MLP 11008, 32 heads, 4 layers, vocabulary 32000; random bf16 weights — speed only, no
+accuracy claim), dense against low-rank at rank 256 (layerzip.compress + rsvd, backend ``auto``),
+with what test_lowrank_model.py's projection stack leaves out: attention over a KV cache,
+RMSNorm, rotary embeddings, the embedding and the LM head.
+
+- **prefill**: one sequence of 8192 tokens, the logits of its last token only (what generation
+  computes), eager, and torch.compile'd (inductor fuses the norms, rotary embeddings, gating and
+  residual adds that eager runs as separate passes over the activations) in a CUDA graph.
+- **decode**: one step of 16 sequences, a token each, against a static KV cache holding
+  ``CONTEXT`` tokens — eager, and as a user would run it: torch.compile(fullgraph=True) captured
+  in a CUDA graph (what mode="reduce-overhead" runs; captured by layerzip.bench.graphed as in
+  test_lowrank_model.py), with inductor's dependent launches off and on.
+
+``scope``: ``blocks`` compresses the seven projections of every layer (what a spec like the
+shipped default targets), ``all`` the LM head as well (4096→32000 at rank 256). Reported beside
+the speedup: the share of the model's weight bytes that the low-rank layers replace, and the
+ratio of the linear layers' FLOPs per token (attention's are not counted)."""
+
+import pytest
+import torch
+
+from layerzip.bench import graphed, pedantic, time_callable
+
+from llama_cases import (BATCH, CONTEXT, PREFILL, SCOPES, VOCAB, compressed, decode_step,
+                         last_logits_only, llama, weight_shares)
+from lowrank_cases import compiled
+
+
+CASES = [("prefill", "blocks", "eager"), ("prefill", "blocks", "compile")] + [
+    ("decode", scope, mode) for scope in SCOPES for mode in ("eager", "compile", "compile_pdl")]
+
+
+@pytest.fixture(scope="module")
+def dense_model():
+    return llama()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("phase,scope,mode", CASES,
+                         ids=[f"{p}-{s}-{m}" for p, s, m in CASES])
+def test_llama(benchmark, dense_model, phase, scope, mode):
+    dense = dense_model
+    low = compressed(dense, scope)
+    if phase == "prefill":
+        ids = torch.randint(0, VOCAB, (1, PREFILL), device="cuda")
+
+        keep = last_logits_only(dense)
+
+        def forward(m):
+            return lambda: m(input_ids=ids, use_cache=False, **keep).logits
+        fd, fl = forward(dense), forward(low)
+    else:
+        fd, fl = decode_step(dense), decode_step(low)
+    with torch.no_grad():
+        eager = fl()  # autotune measures here, before any capture or compile
+        if mode.startswith("compile"):
+            (cd, cl), settings = compiled(mode == "compile_pdl", dense, low)
+            sd, sl = fd, fl
+            with settings:
+                sd(cd), sl(cl)  # compile
+            out = sl(cl)
+            fd, fl = graphed(lambda: sd(cd)), graphed(lambda: sl(cl))
+            err = float((out.float() - eager.float()).norm() / eager.float().norm())
+            assert err < 2e-2, f"the compiled low-rank model is off by {err:.1e}"
+            benchmark.extra_info["compiled_rel_error"] = err
+        td = time_callable(fd, rounds=30, warmup=5)
+        tl = time_callable(fl, rounds=30, warmup=5)
+        pedantic(benchmark, fl, rounds=10)
+    tokens = PREFILL if phase == "prefill" else BATCH
+    benchmark.extra_info.update({"tokens": tokens, "backend": "auto", "scope": scope,
+                                 "graphs": mode != "eager", "mode": mode,
+                                 "context": CONTEXT if phase == "decode" else 0,
+                                 "dense_ms": td.median * 1e3, "lowrank_ms": tl.median * 1e3,
+                                 "speedup": td.median / tl.median,
+                                 **weight_shares(dense, low)})
+    del low
+    torch.cuda.empty_cache()
