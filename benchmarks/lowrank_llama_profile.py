@@ -1,10 +1,11 @@
 """Where the LLaMA-shaped model's GPU time goes, dense and low-rank (GPU; a diagnostic for
 test_lowrank_llama.py's end-to-end figures). torch.profiler records every kernel of a few calls
-of the prefill (eager) and of the decode step (torch.compile'd, launched without a CUDA graph so
-that each kernel shows), and sums their GPU time by kind: GEMMs (cuBLAS), the low-rank decode
-kernel, attention (SDPA's kernels), and everything else (norms, rotary embeddings, SiLU gating,
-residual adds, embedding, cache writes). Sums of kernel durations: no overlap between kernels
-is counted, so the dependent launches of the compiled case are not what this measures.
+of the prefill (eager and torch.compile'd) and of the decode step (torch.compile'd), launched
+without a CUDA graph so that each kernel shows, and sums their GPU time by kind: GEMMs
+(cuBLAS), the low-rank decode kernel, attention (SDPA's kernels), and everything else (norms,
+rotary embeddings, SiLU gating, residual adds, embedding, cache writes). Sums of kernel
+durations: no overlap between kernels is counted, so the dependent launches of the compiled
+case are not what this measures.
 
     python3 lowrank_llama_profile.py --out $OUT/lowrank_llama_profile
 """
@@ -71,21 +72,29 @@ def main() -> None:
     low = compressed(dense, "blocks")
     ids = torch.randint(0, VOCAB, (1, PREFILL), device="cuda")
     keep = last_logits_only(dense)
+
+    def prefill(m):
+        return m(input_ids=ids, use_cache=False, **keep).logits
+
     with torch.no_grad():
         for name, model in (("dense", dense), ("low-rank", low)):
-            rows.append(summary(f"prefill {PREFILL}, eager, {name}", kernel_times(
-                lambda m=model: m(input_ids=ids, use_cache=False, **keep).logits)))
+            rows.append(summary(f"prefill {PREFILL}, eager, {name}",
+                                kernel_times(lambda m=model: prefill(m))))
             print(json.dumps(rows[-1]), flush=True)
         steps = [decode_step(dense), decode_step(low)]
         for step in steps:
             step()  # autotune measures the decode shapes before compiling
-        (cd, cl), settings = compiled(False, dense, low)
-        for name, step, model in (("dense", steps[0], cd), ("low-rank", steps[1], cl)):
-            with settings:
-                step(model)  # compile
-            rows.append(summary(f"decode step, compiled, {name}",
-                                kernel_times(lambda s=step, m=model: s(m))))
-            print(json.dumps(rows[-1]), flush=True)
+        for phase in ("prefill", "decode step"):
+            (cd, cl), settings = compiled(False, dense, low)
+            for name, step, model in (("dense", steps[0], cd), ("low-rank", steps[1], cl)):
+                if phase == "prefill":
+                    call = lambda m=model: prefill(m)  # noqa: E731
+                else:
+                    call = lambda s=step, m=model: s(m)  # noqa: E731
+                with settings:
+                    call()  # compile
+                rows.append(summary(f"{phase}, compiled, {name}", kernel_times(call)))
+                print(json.dumps(rows[-1]), flush=True)
     write_rows(out + ".jsonl", rows)
 
 

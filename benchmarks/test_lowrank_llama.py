@@ -47,8 +47,8 @@ def test_llama(benchmark, dense_model, phase, scope, mode):
 
         keep = last_logits_only(dense)
 
-        def forward(m):
-            return lambda: m(input_ids=ids, use_cache=False, **keep).logits
+        def forward(model):  # called with no argument, or with the compiled model
+            return lambda m=model: m(input_ids=ids, use_cache=False, **keep).logits
         fd, fl = forward(dense), forward(low)
     else:
         fd, fl = decode_step(dense), decode_step(low)
