@@ -9,15 +9,14 @@ import torch
 import torch.nn.functional as F
 
 import layerzip
-from layerzip.bench import copies_beyond_l2, graph_time, graphed, time_callable, wake_gpu
+from layerzip.bench import distinct_copies, graph_time, graphed, time_callable, wake_gpu
 
 
 def weight_copies(*tensors: torch.Tensor, device=None) -> list[tuple[torch.Tensor, ...]]:
     """``tensors`` and enough clones of them that calls taking the copies in turn read them
-    from device memory, not from the L2 cache the previous calls filled
-    (``layerzip.bench.copies_beyond_l2``): [(t1, t2, …), (clone of t1, clone of t2, …), …]."""
-    k = copies_beyond_l2(sum(t.numel() * t.element_size() for t in tensors), device)
-    return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(k - 1)]
+    from device memory, not from the L2 cache the previous calls filled, at least two
+    (``layerzip.bench.distinct_copies``): [(t1, t2, …), (clone of t1, clone of t2, …), …]."""
+    return distinct_copies(tensors, device, at_least=2)
 
 
 def ratios(t: int, n: int, m: int, r: int, elem: int = 2) -> dict:
@@ -117,3 +116,14 @@ def compiled(pdl: bool, *models):
     settings = inductor.patch({"triton.enable_pdl": pdl}) if has_pdl \
         else contextlib.nullcontext()
     return [torch.compile(m, fullgraph=True) for m in models], settings
+
+
+def autotune_graph_timings(tokens: int) -> dict:
+    """For each shape autotune measured at this many tokens (gradients or not, u's shape,
+    v's, bias or not): its choice for graphs and every candidate's µs per call in a graph
+    (None: not capturable), so a run's `auto` figure can be traced to its choices."""
+    auto = layerzip.get_backend("lowrank_matmul", "autotune")
+    return {str(shape): {"choice": seen["graph_choice"],
+                         **{name: None if g is None else g * 1e6
+                            for name, (_, g) in seen["seconds"].items()}}
+            for shape, seen in auto.measured_at(tokens).items()}

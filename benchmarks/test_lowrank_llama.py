@@ -24,7 +24,7 @@ from layerzip.bench import graphed, pedantic, time_callable
 
 from llama_cases import (BATCH, CONTEXT, PREFILL, SCOPES, VOCAB, compressed, decode_step,
                          last_logits_only, llama, weight_shares)
-from lowrank_cases import compiled
+from lowrank_cases import autotune_graph_timings, compiled
 
 
 CASES = [("prefill", "blocks", "eager"), ("prefill", "blocks", "compile")] + [
@@ -54,6 +54,9 @@ def test_llama(benchmark, dense_model, phase, scope, mode):
         fd, fl = decode_step(dense), decode_step(low)
     with torch.no_grad():
         eager = fl()  # autotune measures here, before any capture or compile
+    benchmark.extra_info["autotune_graph_us"] = autotune_graph_timings(
+        PREFILL if phase == "prefill" else BATCH)
+    with torch.no_grad():
         if mode.startswith("compile"):
             (cd, cl), settings = compiled(mode == "compile_pdl", dense, low)
             sd, sl = fd, fl

@@ -16,7 +16,7 @@ from torch import nn
 import layerzip
 from layerzip.bench import graphed, pedantic, time_callable
 
-from lowrank_cases import compiled
+from lowrank_cases import autotune_graph_timings, compiled
 
 
 HIDDEN, INTER, BLOCKS = 4096, 11008, 4
@@ -34,17 +34,6 @@ class Block(nn.Module):
         # attention's softmax/mixing is left out on purpose: only the weight-heavy part is timed
         x = x + self.o(self.q(x) * torch.sigmoid(self.k(x)) + self.v(x))
         return x + self.down(nn.functional.silu(self.gate(x)) * self.up(x))
-
-
-def autotune_graph_timings(tokens: int) -> dict:
-    """For each shape autotune measured at this many tokens (gradients or not, u's shape,
-    v's, bias or not): its choice for graphs and every candidate's µs per call in a graph
-    (None: not capturable), so a run's `auto` figure can be traced to its choices."""
-    auto = layerzip.get_backend("lowrank_matmul", "autotune")
-    return {str(shape): {"choice": seen["graph_choice"],
-                         **{name: None if g is None else g * 1e6
-                            for name, (_, g) in seen["seconds"].items()}}
-            for shape, seen in auto.measured_at(tokens).items()}
 
 
 def stack():

@@ -23,6 +23,21 @@ def test_time_callable_refuses_zero_rounds():
         bench.time_callable(lambda: None, rounds=0, device="cpu")
 
 
+def test_distinct_copies_clone_the_tensors_only_on_a_gpu(monkeypatch):
+    w, b = torch.randn(64, 64), torch.randn(64)
+    assert bench.distinct_copies((w, None, b), "cpu") == [(w, None, b)], \
+        "a CPU has no L2 to step around: the operands alone"
+    monkeypatch.setattr(bench, "copies_beyond_l2", lambda nbytes, dev, at_least: 3)
+    copies = bench.distinct_copies((w, None, b), "cuda")
+    assert len(copies) == 3 and copies[0][0] is w
+    for cw, none, cb in copies[1:]:
+        assert none is None and cw is not w and cb is not b
+        assert torch.equal(cw, w) and torch.equal(cb, b)
+    monkeypatch.setattr(bench, "copies_beyond_l2", lambda nbytes, dev, at_least: 10_000)
+    assert len(bench.distinct_copies((w,), "cuda", at_most=5)) == 5, "tiny operands: capped"
+    assert bench.distinct_copies((None, 3), "cuda") == [(None, 3)], "no tensors: nothing to copy"
+
+
 def test_copies_beyond_l2_covers_twice_the_cache():
     # no CUDA device named: the 50 MB default L2
     assert bench.copies_beyond_l2(10 << 20, "cpu") == 10

@@ -114,7 +114,7 @@ def test_calls_inside_a_capture_use_the_choice_measured_for_graphs(measured, mon
     import layerzip.backends
 
     monkeypatch.setattr(layerzip.backends, "_graph_seconds",
-                        lambda fn: 1e-6 if _is_slow(fn) else 1e-3)
+                        lambda fns: 1e-6 if _is_slow(fns) else 1e-3)
     x, w = torch.randn(4, 8), torch.randn(8, 3)
     measured(x, w)
     (eager,), (graphed,) = measured.choices.values(), measured.graph_choices.values()
@@ -135,17 +135,42 @@ def test_calls_inside_a_capture_use_the_choice_measured_for_graphs(measured, mon
 def test_without_graph_timings_graphs_get_the_eager_choice(measured, monkeypatch):
     import layerzip.backends
 
-    monkeypatch.setattr(layerzip.backends, "_graph_seconds", lambda fn: None)  # no CUDA
+    monkeypatch.setattr(layerzip.backends, "_graph_seconds", lambda fns: None)  # no CUDA
     x, w = torch.randn(4, 8), torch.randn(8, 3)
     measured(x, w)
     assert [b.name for b in measured.graph_choices.values()] == ["fast"]
 
 
-def _is_slow(fn) -> bool:
-    """Whether ``fn`` (a measuring closure over one candidate) calls the Slow backend."""
+def _is_slow(fns) -> bool:
+    """Whether ``fns`` (the measuring closures over one candidate) call the Slow backend."""
     before = Slow.calls
-    fn()
+    fns[0]()
     return Slow.calls > before
+
+
+def test_candidates_are_timed_over_distinct_copies_of_the_operands(measured, monkeypatch):
+    """In a model a layer's weights come from device memory, not from the L2 cache its last
+    call filled: each candidate's calls take copies of the operands in turn (on a GPU,
+    enough to exceed L2; here three, by a stand-in for distinct_copies), eagerly and in a
+    graph; the layer's own operands are among them and are not modified."""
+    import layerzip.backends
+    import layerzip.bench
+
+    x, w = torch.randn(4, 8), torch.randn(8, 3)
+    copies = [(w,), (w.clone(),), (w.clone(),)]
+    monkeypatch.setattr(layerzip.bench, "distinct_copies", lambda args, device: copies)
+    seen, graph_calls = [], []
+    original = FastNoGrad.__call__
+    monkeypatch.setattr(FastNoGrad, "__call__",
+                        lambda self, x, w: seen.append(w) or original(self, x, w))
+
+    def graph_seconds(fns):
+        graph_calls.append(len(fns))
+        return 1e-3
+    monkeypatch.setattr(layerzip.backends, "_graph_seconds", graph_seconds)
+    measured(x, w)
+    assert {id(t) for t in seen} == {id(c[0]) for c in copies}, "every copy was timed"
+    assert graph_calls == [3, 3], "each candidate's graph holds one call per copy"
 
 
 
@@ -156,7 +181,7 @@ def test_while_compiling_only_a_measured_graph_choice_is_taken(measured, monkeyp
     import layerzip.backends
 
     monkeypatch.setattr(layerzip.backends, "_graph_seconds",
-                        lambda fn: 1e-6 if _is_slow(fn) else 1e-3)
+                        lambda fns: 1e-6 if _is_slow(fns) else 1e-3)
     x, w = torch.randn(4, 8), torch.randn(8, 3)
     with monkeypatch.context() as tracing:
         tracing.setattr(torch.compiler, "is_compiling", lambda: True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 from typing import ClassVar
 
@@ -92,15 +93,16 @@ class TritonKernelBackend(Backend):
         return on_device and (self.compile_safe or not torch.compiler.is_compiling())
 
 
-def _graph_seconds(fn) -> float | None:
-    """Seconds per call of ``fn`` inside a CUDA graph, or None where that cannot be measured
-    (no CUDA, or ``fn`` cannot be captured: then it is not chosen for graphs)."""
+def _graph_seconds(fns) -> float | None:
+    """Seconds per call of ``fns`` (calls run in turn) inside a CUDA graph, or None where that
+    cannot be measured (no CUDA, or a call cannot be captured: then it is not chosen for
+    graphs)."""
     if not torch.cuda.is_available():
         return None
     from .bench import graph_time
 
     try:
-        return graph_time(fn, rounds=5, warmup=2, min_replay_s=5e-5, max_calls=32).median
+        return graph_time(fns, rounds=5, warmup=2, min_replay_s=5e-5, max_calls=32).median
     except RuntimeError:
         return None
 
@@ -114,7 +116,9 @@ def graph_capturing() -> bool:
 
 class MeasuredBackend(Backend):
     """Per input shape, time every other available backend of :attr:`op` once (CUDA events,
-    fastest of ten calls) and use the fastest from then on — the backend ``auto`` picks on a
+    fastest of ten calls, the calls taking copies of the operands in turn so that the weights
+    come from device memory as in a model: :func:`layerzip.bench.distinct_copies`) and use the
+    fastest from then on — the backend ``auto`` picks on a
     GPU when a plugin registers one. Subclasses set ``op`` and :meth:`shape_key`: what besides
     device, dtype and the bucketed token count decides a kernel's speed.
 
@@ -215,17 +219,24 @@ class MeasuredBackend(Backend):
             return best(x, *args)
         best = self.choices.get(key)
         if best is None:
-            from .bench import time_callable
+            from .bench import distinct_copies, time_callable
 
             timed, in_graph = [], []
             with torch.no_grad():
+                # calls take copies of the operands in turn, so that the weights come from
+                # device memory as in a model, not from the L2 cache the last call filled:
+                # L2-resident, a decode-sized two-GEMM nearly matched the one-launch kernel
+                # it loses to in a model (results/lowrank_llama.md, session 15)
+                operands = distinct_copies(args, x.device)
                 for b in self.candidates(x, grad):
+                    calls = [lambda b=b, a=a: b(x, *a) for a in operands]
+                    turn = itertools.cycle(calls)
                     # the fastest of ten rounds: host stalls only add time, and on the H100
                     # host a stall during the medians of five once made a 2x slower kernel
                     # the choice (results/lowrank_gpu.md, session 7)
-                    timed.append((time_callable(lambda b=b: b(x, *args), rounds=10,
+                    timed.append((time_callable(lambda turn=turn: next(turn)(), rounds=10,
                                                 warmup=3).min, b))
-                    seconds = _graph_seconds(lambda b=b: b(x, *args))
+                    seconds = _graph_seconds(calls)
                     if seconds is not None:
                         in_graph.append((seconds, b))
                     self.timings.setdefault(key, {})[b.name] = (timed[-1][0], seconds)

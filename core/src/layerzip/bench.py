@@ -116,6 +116,24 @@ def copies_beyond_l2(nbytes: int, device: torch.device | str | None = None, *,
     return max(at_least, math.ceil(factor * l2 / max(1, nbytes)))
 
 
+def distinct_copies(args: Sequence, device: torch.device | str | None = None, *,
+                    at_least: int = 1, at_most: int = 64) -> list[tuple]:
+    """``args`` and copies of it whose tensors are clones (other items shared), enough that
+    calls taking the copies in turn read their tensors from device memory, not from the L2
+    cache the previous calls filled (:func:`copies_beyond_l2` of the tensors' bytes, between
+    ``at_least`` and ``at_most`` copies in all). Timing one layer's calls over the copies
+    measures what the layer costs inside a model, whose weights do not stay in L2 from one
+    call of the layer to the next. On a CPU the list holds ``args`` alone."""
+    args = tuple(args)
+    nbytes = sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+    dev = torch.device(device) if device is not None else torch.device("cuda")
+    if dev.type != "cuda" or nbytes == 0:
+        return [args]
+    k = min(at_most, copies_beyond_l2(nbytes, dev, at_least=at_least))
+    return [args] + [tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a
+                           for a in args) for _ in range(k - 1)]
+
+
 def wake_gpu(seconds: float = 0.05, device: torch.device | str | None = None) -> None:
     """Keep the GPU busy with matmuls for about ``seconds``: after an idle stretch (the host
     compiling or autotuning a kernel) it runs at a low clock for a while, and the first timed
