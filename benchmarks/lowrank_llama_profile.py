@@ -2,10 +2,10 @@
 test_lowrank_llama.py's end-to-end figures). torch.profiler records every kernel of a few calls
 of the prefill (eager and torch.compile'd) and of the decode step (torch.compile'd), launched
 without a CUDA graph so that each kernel shows, and sums their GPU time by kind: GEMMs
-(cuBLAS), the low-rank decode kernel, attention (SDPA's kernels), and everything else (norms,
-rotary embeddings, SiLU gating, residual adds, embedding, cache writes). Sums of kernel
-durations: no overlap between kernels is counted, so the dependent launches of the compiled
-case are not what this measures.
+(cuBLAS), the low-rank Triton kernels (decode, fused), attention (SDPA's kernels), and
+everything else (norms, rotary embeddings, SiLU gating, residual adds, embedding, cache
+writes). Sums of kernel durations: no overlap between kernels is counted, so the dependent
+launches of the compiled case are not what this measures.
 
     python3 lowrank_llama_profile.py --out $OUT/lowrank_llama_profile
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import layerzip
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -24,7 +25,7 @@ from probe_runs import write_rows
 from layerzip.bench import machine_info
 
 KINDS = [("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
-         ("low-rank decode kernel", ("_decode_kernel",)),
+         ("low-rank Triton kernels", ("_decode_kernel", "_lowrank_fused_kernel")),
          ("GEMM", ("gemm", "nvjet", "xmma", "cutlass", "splitk", "sm90", "ampere"))]
 
 
@@ -95,6 +96,15 @@ def main() -> None:
                     call()  # compile
                 rows.append(summary(f"{phase}, compiled, {name}", kernel_times(call)))
                 print(json.dumps(rows[-1]), flush=True)
+    auto = layerzip.get_backend("lowrank_matmul", "autotune")
+    for tokens in (PREFILL, 16):
+        rows.append({"what": f"autotune's choices at {tokens} tokens", "shapes": {
+            str(shape): {"choice": seen["choice"], "graph_choice": seen["graph_choice"],
+                         "eager_us": {n: e * 1e6 for n, (e, _) in seen["seconds"].items()},
+                         "graph_us": {n: None if g is None else g * 1e6
+                                      for n, (_, g) in seen["seconds"].items()}}
+            for shape, seen in auto.measured_at(tokens).items()}})
+        print(json.dumps(rows[-1]), flush=True)
     write_rows(out + ".jsonl", rows)
 
 
