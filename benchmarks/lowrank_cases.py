@@ -118,6 +118,22 @@ def compiled(pdl: bool, *models):
     return [torch.compile(m, fullgraph=True) for m in models], settings
 
 
+def compiled_and_captured(mode: str, dense, low, run_dense, run_low, eager_low, benchmark):
+    """Both models torch.compile'd (with inductor's dependent launches for mode
+    "compile_pdl"), compiled by a first call, then captured in CUDA graphs as
+    mode="reduce-overhead" runs them: (dense replay, low-rank replay). ``run_*(model)`` runs
+    one step of that model. The compiled low-rank output must match ``eager_low`` (its eager
+    self) within 2%; the error goes into the benchmark's record."""
+    (cd, cl), settings = compiled(mode == "compile_pdl", dense, low)
+    with settings:
+        run_dense(cd), run_low(cl)  # compile
+    out = run_low(cl).float()
+    err = float((out - eager_low.float()).norm() / eager_low.float().norm())
+    assert err < 2e-2, f"the compiled low-rank model is off by {err:.1e}"
+    benchmark.extra_info["compiled_rel_error"] = err
+    return graphed(lambda: run_dense(cd)), graphed(lambda: run_low(cl))
+
+
 def autotune_graph_timings(tokens: int) -> dict:
     """For each shape autotune measured at this many tokens (gradients or not, u's shape,
     v's, bias or not): its choice for graphs and every candidate's µs per call in a graph

@@ -20,11 +20,11 @@ ratio of the linear layers' FLOPs per token (attention's are not counted)."""
 import pytest
 import torch
 
-from layerzip.bench import graphed, pedantic, time_callable
+from layerzip.bench import pedantic, time_callable
 
 from llama_cases import (BATCH, CONTEXT, PREFILL, SCOPES, VOCAB, compressed, decode_step,
                          last_logits_only, llama, weight_shares)
-from lowrank_cases import autotune_graph_timings, compiled
+from lowrank_cases import autotune_graph_timings, compiled_and_captured
 
 
 CASES = [("prefill", "blocks", "eager"), ("prefill", "blocks", "compile")] + [
@@ -58,15 +58,7 @@ def test_llama(benchmark, dense_model, phase, scope, mode):
         PREFILL if phase == "prefill" else BATCH)
     with torch.no_grad():
         if mode.startswith("compile"):
-            (cd, cl), settings = compiled(mode == "compile_pdl", dense, low)
-            sd, sl = fd, fl
-            with settings:
-                sd(cd), sl(cl)  # compile
-            out = sl(cl)
-            fd, fl = graphed(lambda: sd(cd)), graphed(lambda: sl(cl))
-            err = float((out.float() - eager.float()).norm() / eager.float().norm())
-            assert err < 2e-2, f"the compiled low-rank model is off by {err:.1e}"
-            benchmark.extra_info["compiled_rel_error"] = err
+            fd, fl = compiled_and_captured(mode, dense, low, fd, fl, eager, benchmark)
         td = time_callable(fd, rounds=30, warmup=5)
         tl = time_callable(fl, rounds=30, warmup=5)
         pedantic(benchmark, fl, rounds=10)

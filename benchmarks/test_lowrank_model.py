@@ -16,7 +16,7 @@ from torch import nn
 import layerzip
 from layerzip.bench import graphed, pedantic, time_callable
 
-from lowrank_cases import autotune_graph_timings, compiled
+from lowrank_cases import autotune_graph_timings, compiled_and_captured
 
 
 HIDDEN, INTER, BLOCKS = 4096, 11008, 4
@@ -71,14 +71,8 @@ def test_projection_stack(benchmark, backend, mode, tokens):
         if mode == "graphs":
             fd, fl = graphed(fd), graphed(fl)
         elif mode.startswith("compile"):
-            (cd, cl), settings = compiled(mode == "compile_pdl", dense, low)
-            with settings:
-                cd(x), cl(x)  # compile
-            out = cl(x)
-            fd, fl = graphed(lambda: cd(x)), graphed(lambda: cl(x))
-            err = float((out.float() - eager.float()).norm() / eager.float().norm())
-            assert err < 2e-2, f"the compiled low-rank stack is off by {err:.1e}"
-            benchmark.extra_info["compiled_rel_error"] = err
+            fd, fl = compiled_and_captured(mode, dense, low, lambda m: m(x), lambda m: m(x),
+                                           eager, benchmark)
         td = time_callable(fd, rounds=30, warmup=5)
         tl = time_callable(fl, rounds=30, warmup=5)
         pedantic(benchmark, fl, rounds=10)
