@@ -17,12 +17,13 @@ import json
 
 import layerzip
 import torch
+from layerzip.bench import machine_info
 from torch.profiler import ProfilerActivity, profile
 
-from llama_cases import PREFILL, VOCAB, compressed, decode_step, last_logits_only, llama
+from llama_cases import (BATCH, PREFILL, VOCAB, compressed, decode_step, last_logits_only,
+                         llama)
 from lowrank_cases import compiled
 from probe_runs import write_rows
-from layerzip.bench import machine_info
 
 KINDS = [("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
          ("low-rank Triton kernels", ("_decode_kernel", "_lowrank_fused_kernel")),
@@ -97,7 +98,7 @@ def main() -> None:
                 rows.append(summary(f"{phase}, compiled, {name}", kernel_times(call)))
                 print(json.dumps(rows[-1]), flush=True)
     auto = layerzip.get_backend("lowrank_matmul", "autotune")
-    for tokens in (PREFILL, 16):
+    for tokens in (PREFILL, BATCH):
         rows.append({"what": f"autotune's choices at {tokens} tokens", "shapes": {
             str(shape): {"choice": seen["choice"], "graph_choice": seen["graph_choice"],
                          "eager_us": {n: e * 1e6 for n, (e, _) in seen["seconds"].items()},
