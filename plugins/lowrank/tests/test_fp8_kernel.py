@@ -119,3 +119,42 @@ def test_quantization_kernel_compiles_to_hardware_conversions():
                       divisible=("h_ptr", "q_ptr", "s_ptr", "T", "R", "sht"))
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
     assert "ld.global.v4" in ptx and "st.global.v4" in ptx and ".local" not in ptx
+
+
+def test_traceable_path_is_the_same_scheme_and_compiles():
+    """Under torch.compile the backend runs fp8_lowrank_traceable: the same per-row scheme in
+    torch ops. It must agree with the Triton-quantizing path, and compile (fullgraph) to
+    itself."""
+    from layerzip_lowrank.fp8_kernel import fp8_lowrank_traceable
+
+    x, u, v, b = case(37, 304, 70, 40, True, seed=3)  # r and m padded to multiples of 16
+    kernel_path = fp8_lowrank(x, quantize_factors(u, v), b)
+    traced_path = fp8_lowrank_traceable(x, u, v, b)
+    assert traced_path.shape == kernel_path.shape == (37, 70)
+    assert rel(traced_path, kernel_path.double().cpu()) < 1e-2
+    compiled = torch.compile(fp8_lowrank_traceable, fullgraph=True)(x, u, v, b)
+    assert rel(compiled, traced_path.double().cpu()) < 1e-2
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the backend runs on CUDA GPUs of cc ≥ 8.9")
+def test_compiled_module_runs_fp8_with_its_input_quantized_in_the_graph():
+    """A norm followed by an fp8 low-rank layer, compiled whole: the layer stays fp8 (its
+    output matches the eager fp8 layer, not the bf16 reference it would fall back to)."""
+    from layerzip_lowrank.module import LowRankLinear
+
+    torch.manual_seed(0)
+    layer = LowRankLinear(256, 128, 32, bias=True, backend="fp8", dtype=torch.bfloat16,
+                          device="cuda")
+    with torch.no_grad():
+        for p in (layer.u, layer.v, layer.bias):
+            p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    block = torch.nn.Sequential(torch.nn.RMSNorm(256), layer).cuda().to(torch.bfloat16)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager_fp8 = block(x)
+        layer.set_backend("torch")
+        bf16 = block(x)
+        layer.set_backend("fp8")
+        compiled = torch.compile(block, fullgraph=True)(x)
+    assert rel(eager_fp8, bf16.double().cpu()) > 1e-2, "fp8 and bf16 must be told apart"
+    assert rel(compiled, eager_fp8.double().cpu()) < 1e-2

@@ -80,8 +80,9 @@ def _quantize_factors(u: Tensor, v: Tensor):
 class FP8Backend(Backend):
     """Both GEMMs in float8 e4m3 (see fp8_kernel.py): x and h quantized per row by a Triton
     kernel, the factors once per row of vᵀ and of u (cached until they change), the GEMMs by
-    ``torch._scaled_mm`` with bias fused and bf16/fp16 output. Inference only: with autograd
-    recording, the module falls back to the reference."""
+    ``torch._scaled_mm`` with bias fused and bf16/fp16 output. Under torch.compile the same
+    scheme in torch ops, so that inductor fuses x's quantization into the op before. Inference
+    only: with autograd recording, the module falls back to the reference."""
 
     op = OP
     name = "fp8"
@@ -99,7 +100,7 @@ class FP8Backend(Backend):
     def supports(self, x):
         if x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16):
             return False
-        return x.shape[-1] % 16 == 0 and not torch.compiler.is_compiling()
+        return x.shape[-1] % 16 == 0
 
     def __init__(self):
         # quantized once per version of (u, v); the entry goes with the layer's u
@@ -110,8 +111,12 @@ class FP8Backend(Backend):
         return self._cache(u, v)
 
     def __call__(self, x, u, v, bias):
-        from .fp8_kernel import fp8_lowrank
+        from .fp8_kernel import fp8_lowrank, fp8_lowrank_traceable
 
+        if torch.compiler.is_compiling():
+            # the cache and the Triton launch cannot be traced; the same scheme in torch ops
+            # can, and lets inductor fuse x's quantization into the op that produced x
+            return fp8_lowrank_traceable(x, u, v, bias)
         return fp8_lowrank(x, self.factors(u, v), bias)
 
 

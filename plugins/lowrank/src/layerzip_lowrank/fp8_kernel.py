@@ -10,6 +10,8 @@ writing y in bf16 bounds the second GEMM in both precisions. Quantizing x inside
 GEMM instead (1 × 128 groups) measured 2-5× slower than this pass plus cuBLAS; that kernel
 lived in commit a93398a.
 
+Under torch.compile the backend runs :func:`fp8_lowrank_traceable`, the same scheme in torch ops.
+
 Inference only. Tested against a float64 emulation of the quantization on CPU with
 TRITON_INTERPRET=1 (the interpreter emulates e4m3; torch's CPU _scaled_mm does the GEMMs there).
 """
@@ -122,12 +124,27 @@ def quantize_factors(u: torch.Tensor, v: torch.Tensor) -> FP8Factors:
 
 def fp8_lowrank(x: torch.Tensor, f: FP8Factors, bias: torch.Tensor | None) -> torch.Tensor:
     """y = (x @ V) @ Uᵀ + bias with U, V from :func:`quantize_factors`; x in bf16 or fp16."""
+    return _fp8_gemms(x, f, bias, quantize_activation_rows)
+
+
+def fp8_lowrank_traceable(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                          bias: torch.Tensor | None) -> torch.Tensor:
+    """The same scheme in plain torch ops, for torch.compile to trace. Inductor fuses the
+    quantization of x into the kernel that produced x (a norm, a gated activation), so the
+    pass over x that the eager path pays disappears (results/lowrank_fp8_compile_probe.md).
+    The factors are quantized inside the graph: with inductor's ``freezing`` that is folded
+    into constants once, without it every call reads U and V once more."""
+    return _fp8_gemms(x, quantize_factors(u, v), bias, quantize_rows)
+
+
+def _fp8_gemms(x: torch.Tensor, f: FP8Factors, bias: torch.Tensor | None,
+               quantize_rows_of) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    xq, xs = quantize_activation_rows(x2)
+    xq, xs = quantize_rows_of(x2)
     h = torch._scaled_mm(xq, f.vq.t(), scale_a=xs, scale_b=f.vs.view(1, -1),
                          out_dtype=x.dtype, use_fast_accum=True)
-    hq, hs = quantize_activation_rows(h)
+    hq, hs = quantize_rows_of(h)
     m16 = f.uq.shape[0]
     if bias is not None:
         bias = bias.to(x.dtype)
