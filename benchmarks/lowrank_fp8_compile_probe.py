@@ -13,6 +13,9 @@ inside a CUDA graph and eagerly, T = 8192, one process; errors against float64.
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 from layerzip_lowrank.module import LowRankLinear
 from torch import nn
@@ -20,12 +23,14 @@ from torch import nn
 from lowrank_cases import make_case
 from probe_runs import probe_main, report_tables
 
+#: LAYERZIP_PROFILE=1 also prints each compiled block's kernels and their GPU µs per call
+PROFILE = os.environ.get("LAYERZIP_PROFILE") == "1"
 CASES = [(8192, 4096, 4096, 256), (8192, 4096, 4096, 512), (8192, 4096, 4096, 1024),
          (8192, 4096, 11008, 256), (8192, 4096, 11008, 512)]
 
 
 def block(n, m, r, u, v, b, backend):
-    layer = LowRankLinear(n, m, r, bias=True, backend=backend, dtype=torch.bfloat16,
+    layer = LowRankLinear(m, n, r, bias=True, backend=backend, dtype=torch.bfloat16,
                           device="cuda")
     with torch.no_grad():
         layer.u.copy_(u), layer.v.copy_(v), layer.bias.copy_(b)
@@ -64,6 +69,14 @@ def probe_case(t, n, m, r, record) -> None:
     record(case, "norm → bf16 low-rank, compiled", lambda: bf16_c(x), ref)
     record(case, "norm → fp8 low-rank, compiled", lambda: fp8_c(x), ref)
     record(case, "norm → fp8 low-rank, compiled, freezing", lambda: fp8_frozen(x), ref)
+    if PROFILE:
+        from lowrank_llama_profile import kernel_times
+
+        for name, fn in (("bf16", bf16_c), ("fp8", fp8_c), ("fp8, freezing", fp8_frozen)):
+            times = kernel_times(lambda fn=fn: fn(x))
+            print(json.dumps({"case": case, "kernels of the compiled block": name,
+                              "us": {k[:80]: round(us, 1) for k, us in sorted(
+                                  times.items(), key=lambda kv: -kv[1])}}), flush=True)
 
 
 def report(path: str) -> str:

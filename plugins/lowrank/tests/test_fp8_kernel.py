@@ -143,8 +143,8 @@ def test_compiled_module_runs_fp8_with_its_input_quantized_in_the_graph():
     from layerzip_lowrank.module import LowRankLinear
 
     torch.manual_seed(0)
-    layer = LowRankLinear(256, 128, 32, bias=True, backend="fp8", dtype=torch.bfloat16,
-                          device="cuda")
+    layer = LowRankLinear(128, 256, 32, bias=True, backend="fp8", dtype=torch.bfloat16,
+                          device="cuda")  # out, in, rank
     with torch.no_grad():
         for p in (layer.u, layer.v, layer.bias):
             p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
