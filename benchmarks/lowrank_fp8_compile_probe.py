@@ -3,8 +3,8 @@ fp8 backend quantizes x in a pass of its own, which costs about what its first G
 (lowrank_prefill_probe.md). Under torch.compile the backend runs the same scheme in torch ops,
 and inductor can fuse that quantization into the kernel before the layer. Here the layer
 follows an RMSNorm, as every projection of a LLaMA block does, and the norm + layer block is
-compiled whole, bf16 low-rank against fp8 low-rank; with inductor's ``freezing`` the factors'
-quantization is folded into constants, without it each call quantizes them again. Per call
+compiled whole, bf16 low-rank against fp8 low-rank, and fp8 once more with inductor's
+``freezing`` (which could fold the factors' quantization into constants). Per call
 inside a CUDA graph and eagerly, T = 8192, one process; errors against float64.
 
     python3 lowrank_fp8_compile_probe.py --out $OUT/lowrank_fp8_compile_probe
