@@ -38,42 +38,46 @@ def block(n, m, r, u, v, b, backend):
 
 
 def compiled(model, freezing: bool):
-    """``model`` compiled whole; its first call compiles, with or without inductor's freezing
-    (a config dynamo does not guard on: give each setting its own module instance)."""
+    """``model`` compiled whole, with or without inductor's freezing, by its first call. That
+    call starts from a reset dynamo: dynamo does not guard on inductor's config, and a block of
+    the same structure compiled before would serve this one too (in this probe's first run,
+    the frozen builds ran the plain builds' code). Time a build before the next one compiles."""
+    import torch._dynamo
     import torch._inductor.config as inductor
 
     compiled_model = torch.compile(model, fullgraph=True)
+    first = [True]
 
     def run(x):
+        if first[0]:
+            torch._dynamo.reset()
+            first[0] = False
         with inductor.patch({"freezing": freezing}):
             return compiled_model(x)
     return run
 
 
 def probe_case(t, n, m, r, record) -> None:
-    import torch._dynamo
-
-    torch._dynamo.reset()  # three compiles per case: stay below dynamo's recompile limit
     x, _, u, v, _ = make_case(t, n, m, r, torch.bfloat16, "cuda")
     b = torch.randn(m, device="cuda", dtype=torch.bfloat16) * 0.1
     bf16, fp8 = block(n, m, r, u, v, b, "torch"), block(n, m, r, u, v, b, "fp8")
-    fp8_for_freezing = block(n, m, r, u, v, b, "fp8")
     xd = x.double()
     normed = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6)  # weight 1, eps 1e-6
     ref = (normed @ v.double()) @ u.double().t() + b.double()
     case = (t, n, m, r)
-    bf16_c, fp8_c = compiled(bf16, False), compiled(fp8, False)
-    fp8_frozen = compiled(fp8_for_freezing, True)
     record(case, "norm → bf16 low-rank, eager", lambda: bf16(x), ref)
     record(case, "norm → fp8 low-rank, eager", lambda: fp8(x), ref)
-    record(case, "norm → bf16 low-rank, compiled", lambda: bf16_c(x), ref)
-    record(case, "norm → fp8 low-rank, compiled", lambda: fp8_c(x), ref)
-    record(case, "norm → fp8 low-rank, compiled, freezing", lambda: fp8_frozen(x), ref)
-    if PROFILE:
-        from lowrank_llama_profile import kernel_times
+    # each build on its own instance, timed (and profiled) before the next one compiles
+    builds = {"bf16": ("norm → bf16 low-rank, compiled", compiled(bf16, False)),
+              "fp8": ("norm → fp8 low-rank, compiled", compiled(fp8, False)),
+              "fp8, freezing": ("norm → fp8 low-rank, compiled, freezing",
+                                compiled(block(n, m, r, u, v, b, "fp8"), True))}
+    for name, (entry, run) in builds.items():
+        record(case, entry, lambda run=run: run(x), ref)
+        if PROFILE:
+            from lowrank_llama_profile import kernel_times
 
-        for name, fn in (("bf16", bf16_c), ("fp8", fp8_c), ("fp8, freezing", fp8_frozen)):
-            times = kernel_times(lambda fn=fn: fn(x))
+            times = kernel_times(lambda run=run: run(x))
             print(json.dumps({"case": case, "kernels of the compiled block": name,
                               "us": {k[:80]: round(us, 1) for k, us in sorted(
                                   times.items(), key=lambda kv: -kv[1])}}), flush=True)
