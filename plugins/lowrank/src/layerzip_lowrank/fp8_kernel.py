@@ -130,11 +130,11 @@ def fp8_lowrank(x: torch.Tensor, f: FP8Factors, bias: torch.Tensor | None) -> to
 def fp8_lowrank_traceable(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
                           bias: torch.Tensor | None) -> torch.Tensor:
     """The same scheme in plain torch ops, for torch.compile to trace. Inductor fuses the
-    quantization of x into the kernel that produced x: after an RMSNorm it adds 10 µs to the
-    norm at T = 8192, n = 4096, where the eager path's own pass takes 36. The factors are
-    quantized inside the graph on every call (inductor's ``freezing`` did not fold that), which
-    costs 9-21 µs there. Compiled blocks of norm and layer measure 0.93-1.13× of bf16
-    (results/lowrank_fp8_compile_probe.md)."""
+    quantization of x into the kernel that produced x: after an RMSNorm it adds 10-17 µs to
+    the norm at T = 8192, n = 4096, where the eager path's own pass takes 36. The factors are
+    quantized inside the graph: on every call, unless inductor's ``freezing`` folds that into
+    constants. Compiled blocks of norm and layer measure 0.97-1.24× of bf16's with freezing,
+    0.89-1.13× without (results/lowrank_fp8_compile_probe.md)."""
     return _fp8_gemms(x, quantize_factors(u, v), bias, quantize_rows)
 
 
