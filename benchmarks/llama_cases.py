@@ -88,14 +88,16 @@ def compressed(dense, scope: str, rank=RANK):
     return low
 
 
-def weight_shares(dense, low) -> dict:
-    """Weight bytes of both models, and the linear layers' FLOPs per token of both."""
+def model_sizes(dense, low) -> dict:
+    """Weight bytes of both models, and the ratio of their linear layers' FLOPs per token."""
+    from layerzip_lowrank.module import LowRankLinear
+
     def linear_flops(model):
         total = 0
         for mod in model.modules():
             if isinstance(mod, torch.nn.Linear):
                 total += 2 * mod.in_features * mod.out_features
-            elif hasattr(mod, "rank") and hasattr(mod, "in_features"):
+            elif isinstance(mod, LowRankLinear):
                 total += 2 * mod.rank * (mod.in_features + mod.out_features)
         return total
 

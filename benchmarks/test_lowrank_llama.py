@@ -14,8 +14,8 @@ RMSNorm, rotary embeddings, the embedding and the LM head.
 
 ``scope``: ``blocks`` compresses the seven projections of every layer (what a spec like the
 shipped default targets), ``all`` the LM head as well (4096→32000 at rank 256). Reported beside
-the speedup: the share of the model's weight bytes that the low-rank layers replace, and the
-ratio of the linear layers' FLOPs per token (attention's are not counted)."""
+the speedup: the weight bytes of both models, and the ratio of their linear layers' FLOPs per
+token (attention's are not counted)."""
 
 import pytest
 import torch
@@ -23,7 +23,7 @@ import torch
 from layerzip.bench import pedantic, time_callable
 
 from llama_cases import (BATCH, CONTEXT, PREFILL, SCOPES, VOCAB, compressed, decode_step,
-                         last_logits_only, llama, weight_shares)
+                         last_logits_only, llama, model_sizes)
 from lowrank_cases import autotune_graph_timings, compiled_and_captured
 
 
@@ -44,7 +44,6 @@ def test_llama(benchmark, dense_model, phase, scope, mode):
     low = compressed(dense, scope)
     if phase == "prefill":
         ids = torch.randint(0, VOCAB, (1, PREFILL), device="cuda")
-
         keep = last_logits_only(dense)
 
         def forward(model):  # called with no argument, or with the compiled model
@@ -68,6 +67,6 @@ def test_llama(benchmark, dense_model, phase, scope, mode):
                                  "context": CONTEXT if phase == "decode" else 0,
                                  "dense_ms": td.median * 1e3, "lowrank_ms": tl.median * 1e3,
                                  "speedup": td.median / tl.median,
-                                 **weight_shares(dense, low)})
+                                 **model_sizes(dense, low)})
     del low
     torch.cuda.empty_cache()
