@@ -3,6 +3,7 @@ lowrank_llama_profile.py): building it, a repeatable decode step over a static K
 low-rank copy, and what compression changed in it. Random bf16 weights: speed only."""
 
 
+import contextlib
 import copy
 
 import torch
@@ -105,3 +106,36 @@ def model_sizes(dense, low) -> dict:
         return sum(p.numel() * p.element_size() for p in model.parameters())
     return {"dense_weight_gb": nbytes(dense) / 1e9, "lowrank_weight_gb": nbytes(low) / 1e9,
             "linear_flop_ratio": linear_flops(dense) / linear_flops(low)}
+
+
+CAUSAL = "layerzip_causal_prefill"
+
+
+@contextlib.contextmanager
+def causal_attention(*models):
+    """The models' attention as SDPA told ``is_causal=True``, with no mask built: right for
+    one unpadded sequence on an empty cache only, so it refuses queries and keys of different
+    lengths. transformers decides to skip the causal mask by reading values that torch < 2.14's
+    dynamo hides from it (transformers' masking_utils says so), so a compiled prefill builds and
+    passes an explicit 8192 × 8192 mask. This measures what that costs."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        if query.shape[2] != key.shape[2]:
+            raise ValueError(f"{CAUSAL} serves unpadded prefill only: {query.shape[2]} "
+                             f"queries against {key.shape[2]} keys")
+        kwargs.pop("is_causal", None)
+        return sdpa_attention_forward(module, query, key, value, None, is_causal=True,
+                                      **kwargs)
+
+    AttentionInterface.register(CAUSAL, attention)
+    AttentionMaskInterface.register(CAUSAL, lambda *args, **kwargs: None)
+    before = [m.config._attn_implementation for m in models]
+    for m in models:
+        m.set_attn_implementation(CAUSAL)
+    try:
+        yield
+    finally:
+        for m, name in zip(models, before):
+            m.set_attn_implementation(name)

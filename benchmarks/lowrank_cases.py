@@ -143,3 +143,16 @@ def autotune_graph_timings(tokens: int) -> dict:
                          **{name: None if g is None else g * 1e6
                             for name, (_, g) in seen["seconds"].items()}}
             for shape, seen in auto.measured_at(tokens).items()}
+
+
+def autotune_choices(tokens: int, m: int, n: int, r: int) -> dict:
+    """What autotune measured for the layer m × n of rank r at this many tokens: its eager
+    choice and its choice for graphs, and every candidate's µs per call [eager, in a graph]
+    (None: not capturable) — why the `autotune` rows of a run are what they are."""
+    auto = layerzip.get_backend("lowrank_matmul", "autotune")
+    return {str(shape[1:]): {
+                "choice": seen["choice"], "graph_choice": seen["graph_choice"],
+                **{name: [e * 1e6, None if g is None else g * 1e6]
+                   for name, (e, g) in seen["seconds"].items()}}
+            for shape, seen in auto.measured_at(tokens).items()
+            if shape[1:3] == ((m, r), (n, r))}

@@ -1,6 +1,7 @@
 """Where the LLaMA-shaped model's GPU time goes, dense and low-rank (GPU; a diagnostic for
 test_lowrank_llama.py's end-to-end figures). torch.profiler records every kernel of a few calls
-of the prefill (eager and torch.compile'd) and of the decode step (torch.compile'd), launched
+of the prefill (eager, torch.compile'd, and compiled with attention told it is causal instead
+of given a mask: llama_cases.causal_attention) and of the decode step (torch.compile'd), launched
 without a CUDA graph so that each kernel shows, and sums their GPU time by kind: GEMMs
 (cuBLAS), the low-rank Triton kernels (decode, fused), attention (SDPA's kernels), and
 everything else (norms, rotary embeddings, SiLU gating, residual adds, embedding, cache
@@ -20,8 +21,8 @@ import torch
 from layerzip.bench import machine_info
 from torch.profiler import ProfilerActivity, profile
 
-from llama_cases import (BATCH, PREFILL, VOCAB, compressed, decode_step, last_logits_only,
-                         llama)
+from llama_cases import (BATCH, PREFILL, VOCAB, causal_attention, compressed, decode_step,
+                         last_logits_only, llama)
 from lowrank_cases import compiled
 from probe_runs import write_rows
 
@@ -96,6 +97,14 @@ def main() -> None:
                 with settings:
                     call()  # compile
                 rows.append(summary(f"{phase}, compiled, {name}", kernel_times(call)))
+                print(json.dumps(rows[-1]), flush=True)
+        with causal_attention(dense, low):  # no mask built: what the mask costs compiled
+            (cd, cl), settings = compiled(False, dense, low)
+            for name, model in (("dense", cd), ("low-rank", cl)):
+                with settings:
+                    prefill(model)  # compile
+                rows.append(summary(f"prefill, compiled, causal attention, {name}",
+                                    kernel_times(lambda m=model: prefill(m))))
                 print(json.dumps(rows[-1]), flush=True)
     auto = layerzip.get_backend("lowrank_matmul", "autotune")
     for tokens in (PREFILL, BATCH):

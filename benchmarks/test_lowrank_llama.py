@@ -6,7 +6,9 @@ RMSNorm, rotary embeddings, the embedding and the LM head.
 
 - **prefill**: one sequence of 8192 tokens, the logits of its last token only (what generation
   computes), eager, and torch.compile'd (inductor fuses the norms, rotary embeddings, gating and
-  residual adds that eager runs as separate passes over the activations) in a CUDA graph.
+  residual adds that eager runs as separate passes over the activations) in a CUDA graph;
+  ``compile_causal`` the same with attention told it is causal instead of given a mask, which
+  a compiled transformers model builds on torch < 2.14 (llama_cases.causal_attention).
 - **decode**: one step of 16 sequences, a token each, against a static KV cache holding
   ``CONTEXT`` tokens — eager, and as a user would run it: torch.compile(fullgraph=True) captured
   in a CUDA graph (what mode="reduce-overhead" runs; captured by layerzip.bench.graphed as in
@@ -17,17 +19,19 @@ shipped default targets), ``all`` the LM head as well (4096→32000 at rank 256)
 the speedup: the weight bytes of both models, and the ratio of their linear layers' FLOPs per
 token (attention's are not counted)."""
 
+import contextlib
+
 import pytest
 import torch
 
 from layerzip.bench import pedantic, time_callable
 
-from llama_cases import (BATCH, CONTEXT, PREFILL, SCOPES, VOCAB, compressed, decode_step,
-                         last_logits_only, llama, model_sizes)
+from llama_cases import (BATCH, CONTEXT, PREFILL, SCOPES, VOCAB, causal_attention, compressed,
+                         decode_step, last_logits_only, llama, model_sizes)
 from lowrank_cases import autotune_graph_timings, compiled_and_captured
 
 
-CASES = [("prefill", "blocks", "eager"), ("prefill", "blocks", "compile")] + [
+CASES = [("prefill", "blocks", mode) for mode in ("eager", "compile", "compile_causal")] + [
     ("decode", scope, mode) for scope in SCOPES for mode in ("eager", "compile", "compile_pdl")]
 
 
@@ -42,6 +46,13 @@ def dense_model():
 def test_llama(benchmark, dense_model, phase, scope, mode):
     dense = dense_model
     low = compressed(dense, scope)
+    with causal_attention(dense, low) if mode == "compile_causal" else contextlib.nullcontext():
+        run_case(benchmark, dense, low, phase, scope, mode)
+    del low
+    torch.cuda.empty_cache()
+
+
+def run_case(benchmark, dense, low, phase, scope, mode):
     if phase == "prefill":
         ids = torch.randint(0, VOCAB, (1, PREFILL), device="cuda")
         keep = last_logits_only(dense)
@@ -68,5 +79,3 @@ def test_llama(benchmark, dense_model, phase, scope, mode):
                                  "dense_ms": td.median * 1e3, "lowrank_ms": tl.median * 1e3,
                                  "speedup": td.median / tl.median,
                                  **model_sizes(dense, low)})
-    del low
-    torch.cuda.empty_cache()

@@ -7,7 +7,7 @@ import torch
 import layerzip
 from layerzip.bench import pedantic
 
-from lowrank_cases import make_case, measure
+from lowrank_cases import autotune_choices, make_case, measure
 
 PREFILL = [(8192, 4096, 4096, r) for r in (128, 256, 512, 1024)] + \
           [(8192, 4096, 11008, r) for r in (256, 512)]
@@ -41,6 +41,8 @@ def test_prefill(benchmark, backend, shape, graphs):
     with torch.no_grad():
         pedantic(benchmark, lambda: be(x, u, v, b), rounds=20)
     record(benchmark, result)
+    if backend == "autotune":
+        benchmark.extra_info["autotune_us"] = autotune_choices(t, m, n, r)
 
 
 @pytest.mark.gpu
