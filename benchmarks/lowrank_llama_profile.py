@@ -9,6 +9,7 @@ writes). Sums of kernel durations: no overlap between kernels is counted, so the
 launches of the compiled case are not what this measures.
 
     python3 lowrank_llama_profile.py --out $OUT/lowrank_llama_profile
+    python3 lowrank_llama_profile.py --report results/lowrank_llama_profile.jsonl
 """
 
 from __future__ import annotations
@@ -66,10 +67,32 @@ def summary(what: str, times: dict[str, float]) -> dict:
             "top": [[name[:90], us] for name, us in top]}
 
 
+def report(path: str) -> str:
+    """The markdown table of a run's kernel sums by kind (ms per call, share of the total)."""
+    kinds = ["GEMM", "low-rank Triton kernels", "attention", "other"]
+    lines = ["| what | all kernels | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 2) + "|"]
+    with open(path) as f:
+        for row in map(json.loads, f):
+            if "by_kind_us" not in row:
+                continue
+            total = row["total_us"]
+            cells = [f"{row['by_kind_us'][k] / 1e3:.2f} ({row['by_kind_us'][k] / total:.0%})"
+                     if k in row["by_kind_us"] else "—" for k in kinds]
+            lines.append(f"| {row['what']} | {total / 1e3:.2f} ms | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    out = ap.parse_args().out
+    ap.add_argument("--out", help="where the JSON lines go (stem)")
+    ap.add_argument("--report", help="print the table of a run's JSON lines instead")
+    args = ap.parse_args()
+    if args.report:
+        print(report(args.report))
+        return
+    if not args.out:
+        ap.error("--out or --report is needed")
+    out = args.out
     rows = [{"machine": machine_info()}]
     dense = llama()
     low = compressed(dense, "blocks")

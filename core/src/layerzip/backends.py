@@ -233,7 +233,7 @@ class MeasuredBackend(Backend):
                     turn = itertools.cycle(calls)
                     # the fastest of ten rounds: host stalls only add time, and on the H100
                     # host a stall during the medians of five once made a 2x slower kernel
-                    # the choice (results/lowrank_gpu.md, session 7)
+                    # the choice (results/history/lowrank_gpu_run4_session7.md)
                     timed.append((time_callable(lambda turn=turn: next(turn)(), rounds=10,
                                                 warmup=3).min, b))
                     seconds = _graph_seconds(calls)
