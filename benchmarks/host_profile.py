@@ -1,6 +1,8 @@
 """Where the host's time goes in one eager call of each Triton path (GPU only): host µs per
 call of the backend call, of the bare LaunchCache launch, of the compiled kernel's own launcher,
-and of a torch op for scale, then a cProfile of the backend call (top entries by own time).
+and of a torch op for scale, then a cProfile of the backend call (top entries by own time);
+and autotune's dispatch in front of the two-GEMM kernel it picks, against that kernel called
+directly and the dense F.linear, at prefill and decode sizes.
 
     python benchmarks/host_profile.py > benchmarks/results/host_profile.txt
 """
@@ -12,6 +14,7 @@ import io
 import pstats
 
 import torch
+import torch.nn.functional as F
 
 import layerzip
 from layerzip.bench import host_time
@@ -46,6 +49,18 @@ def _cases():
     u = torch.randn(4096, 256, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(4096, 256, device="cuda", dtype=torch.bfloat16)
     yield "lowrank_matmul triton_decode, T=16 4096x4096 r=256", lambda: lr(xd, u, v, None)
+
+    # autotune's dispatch in front of the kernel it chose: against that kernel called directly
+    # (an eager prefill call at r <= 256 is about as long on the host as on the GPU)
+    auto, two = (layerzip.get_backend("lowrank_matmul", n) for n in ("autotune", "torch"))
+    xp = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    for rows, xx in (("T=8192", xp), ("T=16", xd)):
+        yield f"dense F.linear, {rows} 4096x4096", lambda xx=xx: F.linear(xx, w, bias)
+        yield f"lowrank_matmul torch, {rows} 4096x4096 r=256", lambda xx=xx: two(xx, u, v, bias)
+        yield f"lowrank_matmul autotune, {rows} 4096x4096 r=256", \
+            lambda xx=xx: auto(xx, u, v, bias)
 
 
 def main() -> None:

@@ -101,7 +101,7 @@ def test_a_first_call_inside_a_cuda_graph_capture_does_not_measure(measured, mon
     """Timing synchronizes, which a capture forbids: the top candidate serves, nothing cached."""
     import layerzip.backends
 
-    monkeypatch.setattr(layerzip.backends, "graph_capturing", lambda: True)
+    monkeypatch.setattr(layerzip.backends, "graph_capturing", lambda x=None: True)
     x, w = torch.randn(4, 8), torch.randn(8, 3)
     torch.testing.assert_close(measured(x, w), x @ w)
     assert measured.choices == {} and FastNoGrad.calls == 1 and Slow.calls == 0
@@ -126,7 +126,7 @@ def test_calls_inside_a_capture_use_the_choice_measured_for_graphs(measured, mon
     assert seen["seconds"]["slow"][1] == 1e-6 and seen["seconds"]["fast"][1] == 1e-3
     assert seen["seconds"]["fast"][0] < seen["seconds"]["slow"][0]
     assert measured.measured_at(64) == {}, "another token bucket: nothing measured"
-    monkeypatch.setattr(layerzip.backends, "graph_capturing", lambda: True)
+    monkeypatch.setattr(layerzip.backends, "graph_capturing", lambda x=None: True)
     before = Slow.calls
     torch.testing.assert_close(measured(x, w), x @ w)
     assert Slow.calls == before + 1

@@ -107,10 +107,14 @@ def _graph_seconds(fns) -> float | None:
         return None
 
 
-def graph_capturing() -> bool:
+def graph_capturing(x: Tensor | None = None) -> bool:
     """Whether the current CUDA stream is capturing a graph (False without CUDA): what a
     backend asks before work that synchronizes with the host (timing, building a packed or
-    quantized form of the weights), which would break the capture."""
+    quantized form of the weights), which would break the capture. Given the call's input
+    ``x``, it asks only when x is on a GPU, which skips the costlier check that CUDA is
+    available (µs on every eager call of ``autotune``)."""
+    if x is not None:
+        return x.is_cuda and torch.cuda.is_current_stream_capturing()
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
@@ -172,10 +176,17 @@ class MeasuredBackend(Backend):
         return 1 << max(0, (tokens - 1).bit_length())
 
     def _key(self, x: Tensor, *args) -> tuple:
-        grad = torch.is_grad_enabled() and (x.requires_grad or any(
-            isinstance(a, Tensor) and a.requires_grad for a in args))
-        t = x.numel() // max(x.shape[-1], 1)
-        return (x.device, x.dtype, self._token_bucket(t), grad, *self.shape_key(x, *args))
+        # on every eager call: written for the host's time (an eager call at r ≤ 256 prefill
+        # is about as long on the host as on the H100, results/lowrank_gpu.md)
+        grad = False
+        if torch.is_grad_enabled():
+            grad = x.requires_grad
+            for a in args:
+                if not grad and isinstance(a, Tensor):
+                    grad = a.requires_grad
+        t = x.numel() // (x.shape[-1] or 1)
+        return (x.device, x.dtype, 1 << max(0, (t - 1).bit_length()), grad,
+                *self.shape_key(x, *args))  # the bucket is _token_bucket(t), inlined
 
     def measured_at(self, tokens: int) -> dict[tuple, dict]:
         """What was measured for calls of ``tokens`` rows, per (gradients or not, *shape_key):
@@ -212,7 +223,7 @@ class MeasuredBackend(Backend):
             return best(x, *args)
         key = self._key(x, *args)
         grad = key[3]
-        if graph_capturing():
+        if graph_capturing(x):
             # timing synchronizes, which would break the capture: the choice measured for
             # graphs serves, or, before any measurement, the highest-priority candidate
             best = self.graph_choices.get(key) or self.candidates(x, grad)[0]
