@@ -97,6 +97,20 @@ def test_unavailable_without_a_gpu():
     assert not ok and "CUDA GPU" in why
 
 
+def test_graph_capturing_is_false_outside_a_capture():
+    """With an input, only a GPU input can be captured; without one, it asks CUDA."""
+    assert layerzip.graph_capturing(torch.zeros(2)) is False
+    assert layerzip.graph_capturing() is False
+    if torch.cuda.is_available():
+        x = torch.zeros(2, device="cuda")
+        assert layerzip.graph_capturing(x) is False
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            seen = layerzip.graph_capturing(x), layerzip.graph_capturing()
+            x.add_(1)
+        assert seen == (True, True)
+
+
 def test_a_first_call_inside_a_cuda_graph_capture_does_not_measure(measured, monkeypatch):
     """Timing synchronizes, which a capture forbids: the top candidate serves, nothing cached."""
     import layerzip.backends
