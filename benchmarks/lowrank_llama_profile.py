@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 from llama_cases import (BATCH, PREFILL, VOCAB, causal_attention, compressed, decode_step,
                          last_logits_only, llama)
 from lowrank_cases import compiled
-from probe_runs import write_rows
+from probe_runs import run_or_report, write_rows
 
 KINDS = [("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
          ("low-rank Triton kernels", ("_decode_kernel", "_lowrank_fused_kernel")),
@@ -83,15 +83,9 @@ def report(path: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", help="where the JSON lines go (stem)")
-    ap.add_argument("--report", help="print the table of a run's JSON lines instead")
-    args = ap.parse_args()
-    if args.report:
-        print(report(args.report))
+    args = run_or_report(argparse.ArgumentParser(), report)
+    if args is None:
         return
-    if not args.out:
-        ap.error("--out or --report is needed")
     out = args.out
     rows = [{"machine": machine_info()}]
     dense = llama()

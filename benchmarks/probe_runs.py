@@ -131,23 +131,33 @@ def report_tables(path: str, headers: Sequence[str],
     return "\n".join(out)
 
 
+def run_or_report(ap: argparse.ArgumentParser, report: Callable[[str], str]):
+    """Adds ``--out PREFIX`` (run, write PREFIX.jsonl) and ``--report PATH`` (print the
+    markdown of a run's .jsonl) to a script's command line and parses it: the arguments for
+    a run, or None once a report is printed."""
+    ap.add_argument("--out", help="run, and write the JSON lines to OUT.jsonl")
+    ap.add_argument("--report", help="print the markdown tables of a run's .jsonl and stop")
+    args = ap.parse_args()
+    if args.report:
+        print(report(args.report))
+        return None
+    if not args.out:
+        ap.error("--out (run) or --report (print a run's tables) is needed")
+    return args
+
+
 def probe_main(cases: Sequence[tuple], probe_case: Callable[..., None],
                report: Callable[[str], str]) -> None:
     """Command line of a probe: ``--out PREFIX`` runs ``probe_case(t, n, m, r, record)`` for
     each case (``--cases 0,2`` picks some, ``--only REGEX`` some entries, ``--rounds``) and
     writes PREFIX.jsonl; ``--report PATH`` prints the markdown tables of a run."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out")
-    ap.add_argument("--report", help="print the markdown tables of a run's .jsonl and stop")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--only", help="time only the entries whose name matches this regex")
     ap.add_argument("--cases", help="comma-separated indices into the cases (default: all)")
-    args = ap.parse_args()
-    if args.report:
-        print(report(args.report))
+    args = run_or_report(ap, report)
+    if args is None:
         return
-    if not args.out:
-        ap.error("--out is required to run the probe")
     record = ProbeRecorder(args.rounds, args.only)
     picked = [cases[int(i)] for i in args.cases.split(",")] if args.cases else cases
     with torch.no_grad():
