@@ -176,17 +176,10 @@ class MeasuredBackend(Backend):
         return 1 << max(0, (tokens - 1).bit_length())
 
     def _key(self, x: Tensor, *args) -> tuple:
-        # on every eager call: written for the host's time (an eager call at r ≤ 256 prefill
-        # is about as long on the host as on the H100, results/lowrank_gpu.md)
-        grad = False
-        if torch.is_grad_enabled():
-            grad = x.requires_grad
-            for a in args:
-                if not grad and isinstance(a, Tensor):
-                    grad = a.requires_grad
-        t = x.numel() // (x.shape[-1] or 1)
-        return (x.device, x.dtype, 1 << max(0, (t - 1).bit_length()), grad,
-                *self.shape_key(x, *args))  # the bucket is _token_bucket(t), inlined
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(
+            isinstance(a, Tensor) and a.requires_grad for a in args))
+        t = x.numel() // max(x.shape[-1], 1)
+        return (x.device, x.dtype, self._token_bucket(t), grad, *self.shape_key(x, *args))
 
     def measured_at(self, tokens: int) -> dict[tuple, dict]:
         """What was measured for calls of ``tokens`` rows, per (gradients or not, *shape_key):
